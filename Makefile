@@ -1,0 +1,50 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := all
+.PHONY: all install format lint mypy test test-unit testcov demo bench migrate clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (set PY=...)"; exit 2; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+format: $(STAMP)
+	$(BIN)/ruff format cascade workers tests bench
+	$(BIN)/ruff check --fix cascade workers tests bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check cascade workers tests bench migrations
+
+mypy: $(STAMP)
+	$(BIN)/mypy cascade
+
+# Lint, types and the whole suite (unit + integration on embedded or given services).
+test: lint mypy
+	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" -p no:cacheprovider
+
+testcov: test
+
+demo: $(STAMP)
+	$(BIN)/cascade demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+migrate: $(STAMP)
+	$(BIN)/cascade db upgrade
+
+all: lint mypy test
+
+clean:
+	rm -rf $(VENV) .cascade

@@ -1,0 +1,176 @@
+"""The public Python API: ``Client.submit / status / wait / results / stats / sweep``.
+
+    client = cascade.Client()                       # CASCADE_DATABASE_URL, CASCADE_BROKER_URL, CASCADE_CONFIG
+    batch = client.submit("invoice_fields", rows)   # rows: an iterable of dicts, or a path
+    client.wait(batch, timeout=600)
+    for row in client.results(batch): ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine, text
+
+from cascade import producer
+from cascade.config import CascadeConfig, CascadeSettings, load_config, load_settings
+from cascade.errors import ConfigError, InputError
+from cascade.publish import CeleryPublisher, Publisher
+from cascade.store import make_engine
+
+__all__ = ["BatchStatus", "Client"]
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """Where a batch's jobs are."""
+
+    batch_id: str
+    task_type: str
+    rows: int
+    counts: dict[str, int]  # by status
+    by_tier: dict[int, int] = field(default_factory=dict)  # unfinished and finished jobs by current tier
+    cost_usd: Decimal = Decimal(0)
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("succeeded", 0) + self.counts.get("failed", 0)
+
+    @property
+    def is_done(self) -> bool:
+        return self.finished >= self.rows
+
+    def to_json(self) -> dict[str, Any]:  # Any: JSON
+        return {"batch_id": self.batch_id, "task_type": self.task_type, "rows": self.rows,
+                "finished": self.finished, "counts": self.counts,
+                "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd)}
+
+
+class Client:
+    """Submit batches and read their state. Engines and publishers are built from settings unless given."""
+
+    def __init__(
+        self,
+        settings: CascadeSettings | None = None,
+        *,
+        engine: Engine | None = None,
+        publisher: Publisher | None = None,
+        config: CascadeConfig | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self._engine = engine
+        self._publisher = publisher
+        self._config = config
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            if not self.settings.database_url:
+                raise ConfigError("CASCADE_DATABASE_URL is not set (run `cascade dev` for an embedded stack)")
+            self._engine = make_engine(self.settings.database_url, schema=self.settings.db_schema)
+        return self._engine
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            if not self.settings.broker_url:
+                raise ConfigError("CASCADE_BROKER_URL is not set (run `cascade dev` for an embedded stack)")
+            self._publisher = CeleryPublisher.connect(self.settings, self.settings.broker_url)
+        return self._publisher
+
+    @property
+    def config(self) -> CascadeConfig:
+        if self._config is None:
+            self._config = load_config(self.settings.config)
+        return self._config
+
+    def submit(
+        self,
+        task_type: str,
+        rows: Iterable[dict[str, Any]] | str | Path,  # Any: user rows
+        *,
+        fmt: Literal["jsonl", "csv"] | None = None,
+        key_field: str | None = None,
+        idempotency_key: str | None = None,
+        rejects_path: Path | None = None,
+    ) -> producer.SubmitResult:
+        """Submit rows (dicts, or a JSONL/CSV file path) as one batch; see ``producer.submit_rows``."""
+        snap = self.config.snapshot(task_type)
+        kw: dict[str, Any] = {"key_field": key_field, "idempotency_key": idempotency_key,  # Any: keyword args
+                              "rejects_path": rejects_path}
+        if isinstance(rows, str | Path):
+            path = Path(rows)
+            kind = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+            try:
+                stream = path.open("rb")
+            except OSError as exc:
+                raise InputError(f"cannot read: {exc.strerror}", source=str(path)) from None
+            with stream:
+                parsed = producer.read_rows(stream, kind, str(path))
+                return producer.submit_rows(self.engine, self.publisher, snap, parsed, source=str(path), **kw)
+        numbered = ((i, row) for i, row in enumerate(rows, start=1))
+        return producer.submit_rows(self.engine, self.publisher, snap, numbered, **kw)
+
+    def status(self, batch_id: str) -> BatchStatus:
+        """Counts of the batch's jobs by status and tier. InputError if the batch does not exist."""
+        with self.engine.connect() as conn:
+            batch = conn.execute(text("SELECT task_type, rows FROM batches WHERE id = :b"), {"b": batch_id}).first()
+            if batch is None:
+                raise InputError(f"no batch {batch_id!r}")
+            rows = conn.execute(text(
+                "SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE batch_id = :b GROUP BY status, tier"),
+                {"b": batch_id}).all()
+        counts: dict[str, int] = {}
+        by_tier: dict[int, int] = {}
+        for status, tier, n, _ in rows:
+            counts[status] = counts.get(status, 0) + n
+            by_tier[tier] = by_tier.get(tier, 0) + n
+        cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
+        return BatchStatus(batch_id, batch.task_type, batch.rows, counts, dict(sorted(by_tier.items())), cost)
+
+    def wait(
+        self,
+        batch_id: str,
+        *,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: Callable[[BatchStatus], None] | None = None,
+    ) -> BatchStatus:
+        """Poll until every job is finished or ``timeout`` seconds passed; returns the last status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status(batch_id)
+            if on_progress:
+                on_progress(state)
+            if state.is_done or (deadline is not None and time.monotonic() >= deadline):
+                return state
+            time.sleep(poll_s)
+
+    def results(self, batch_id: str) -> Iterator[dict[str, Any]]:  # Any: JSON rows
+        """One dict per input row, in input order: key, status, tier, output, cost_usd, error."""
+        self.status(batch_id)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(text(
+                "SELECT key, status, tier, output, cost_usd, error FROM jobs WHERE batch_id = :b ORDER BY id"),
+                {"b": batch_id})
+            for row in result:
+                yield {"key": row.key, "status": row.status, "tier": row.tier, "output": row.output,
+                       "cost_usd": str(row.cost_usd), "error": row.error}
+
+    def stats(self, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
+        """Rows of the ``escalation_stats`` view (one per task type)."""
+        sql = "SELECT * FROM escalation_stats" + (" WHERE task_type = :t" if task_type else "") + " ORDER BY task_type"
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        close = getattr(self._publisher, "close", None)
+        if close:
+            close()

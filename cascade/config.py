@@ -1,0 +1,310 @@
+"""cascade.yaml (models and task types) and the environment settings.
+
+``load_config`` turns a YAML file into frozen pydantic models; every problem becomes a
+``ConfigError`` naming the file and the dotted path of the field. A batch stores a
+``TaskSnapshot`` (its task type plus the models its tiers use), so editing cascade.yaml
+changes new batches only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cascade.errors import ConfigError
+
+__all__ = [
+    "CascadeConfig",
+    "CascadeSettings",
+    "Length",
+    "ModelConfig",
+    "Price",
+    "ResolvedTier",
+    "SelfConsistency",
+    "TaskSnapshot",
+    "TaskType",
+    "TierConfig",
+    "Variant",
+    "load_config",
+    "load_settings",
+    "render",
+    "template_fields",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Price(_Frozen):
+    """USD per million tokens."""
+
+    input_per_mtok: Decimal = Decimal(0)
+    output_per_mtok: Decimal = Decimal(0)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+        """Exact cost of a request: tokens × price, never rounded."""
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / Decimal(1_000_000)
+
+
+class ModelConfig(_Frozen):
+    """One OpenAI-compatible model endpoint."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    price: Price = Price()
+    timeout_s: float = Field(30.0, gt=0)
+    rate_limit_rpm: int | None = Field(None, gt=0)
+    supports_n: bool = True
+    max_retries: int = Field(3, ge=0, le=10)
+
+
+class Variant(_Frozen):
+    """One prompt of a mixture: its samples are voted together with the other variants'."""
+
+    name: str
+    prompt: str
+    system: str | None = None
+    samples: int = Field(1, ge=1, le=64)
+
+
+class Length(_Frozen):
+    min_chars: int = Field(0, ge=0)
+    max_chars: int = Field(100_000, ge=1)
+
+
+class SelfConsistency(_Frozen):
+    samples: int = Field(1, ge=1, le=64)
+    min_agreement: Decimal = Field(Decimal("0.5"), ge=0, le=1)
+    fields: list[str] | None = None
+    variants: list[Variant] | None = None
+
+
+class TierConfig(_Frozen):
+    """A tier given as an object; unset fields inherit from the task type."""
+
+    model: str
+    samples: int | None = Field(None, ge=1, le=64)
+    min_agreement: Decimal | None = Field(None, ge=0, le=1)
+    variants: list[Variant] | None = None
+    system: str | None = None
+    prompt: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class TaskType(_Frozen):
+    name: str
+    system: str = ""
+    prompt: str
+    output: Literal["json", "text"] = "text"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # Any: a JSON Schema document
+    length: Length = Length()
+    self_consistency: SelfConsistency = SelfConsistency()
+    tiers: list[str | TierConfig] = Field(min_length=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    on_exhausted: Literal["fail", "accept_last"] = "fail"
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _check_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                Draft202012Validator.check_schema(value)
+            except SchemaError as exc:
+                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+
+class ResolvedTier(_Frozen):
+    """A tier with every override applied: what a worker needs to run it."""
+
+    index: int  # 1-based, as stored in jobs.tier
+    model: ModelConfig
+    samples: int
+    min_agreement: Decimal
+    variants: list[Variant] | None
+    system: str
+    prompt: str
+    max_tokens: int
+    temperature: float
+
+
+class TaskSnapshot(_Frozen):
+    """What a batch stores: its task type and the models its tiers name."""
+
+    task_type: TaskType
+    models: dict[str, ModelConfig]
+
+    @property
+    def tier_count(self) -> int:
+        return len(self.task_type.tiers)
+
+    def tier(self, index: int) -> ResolvedTier:
+        """The resolved tier ``index`` (1-based)."""
+        task = self.task_type
+        spec = task.tiers[index - 1]
+        over = TierConfig(model=spec) if isinstance(spec, str) else spec
+        sc = task.self_consistency
+        variants = over.variants if over.variants is not None else (sc.variants if over.samples is None else None)
+        samples = sum(v.samples for v in variants) if variants else (over.samples or sc.samples)
+        return ResolvedTier(
+            index=index,
+            model=self.models[over.model],
+            samples=samples,
+            min_agreement=over.min_agreement if over.min_agreement is not None else sc.min_agreement,
+            variants=variants,
+            system=over.system if over.system is not None else task.system,
+            prompt=over.prompt if over.prompt is not None else task.prompt,
+            max_tokens=over.max_tokens or task.max_tokens,
+            temperature=over.temperature if over.temperature is not None else task.temperature,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CascadeConfig(_Frozen):
+    models: list[ModelConfig]
+    task_types: list[TaskType]
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+    def task(self, name: str) -> TaskType:
+        """The task type called ``name``; ConfigError names the known ones otherwise."""
+        for task in self.task_types:
+            if task.name == name:
+                return task
+        known = ", ".join(sorted(t.name for t in self.task_types))
+        raise ConfigError(f"unknown task type {name!r} (known: {known})")
+
+    def snapshot(self, name: str) -> TaskSnapshot:
+        task = self.task(name)
+        used = {t if isinstance(t, str) else t.model for t in task.tiers}
+        return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used})
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a prompt template uses, in order; ValueError for anything but plain names."""
+    names: list[str] = []
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{field}}} is not a plain field name (no attributes, indexes or formats)")
+        if field not in names:
+            names.append(field)
+    return names
+
+
+def render(template: str, row: dict[str, Any]) -> str:
+    """Fill a template's ``{field}`` placeholders from a row (non-strings as JSON)."""
+    values = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in row.items()}
+    return template.format_map(values)
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_references(config: CascadeConfig, file: str) -> None:
+    models = {m.name for m in config.models}
+    seen: set[str] = set()
+    for i, task in enumerate(config.task_types):
+        if task.name in seen:
+            raise ConfigError(f"duplicate task type {task.name!r}", file=file, path=f"task_types[{i}].name")
+        seen.add(task.name)
+        for j, tier in enumerate(task.tiers):
+            name = tier if isinstance(tier, str) else tier.model
+            if name not in models:
+                raise ConfigError(f"unknown model {name!r}", file=file, path=f"task_types[{i}].tiers[{j}]")
+        templates = [("prompt", task.prompt), ("system", task.system)]
+        templates += [(f"tiers[{j}].prompt", t.prompt) for j, t in enumerate(task.tiers) if isinstance(t, TierConfig)
+                      and t.prompt]
+        for path, text in templates:
+            try:
+                template_fields(text)
+            except ValueError as exc:
+                raise ConfigError(str(exc), file=file, path=f"task_types[{i}].{path}") from None
+        if task.output == "text" and task.schema_ is not None:
+            raise ConfigError("a schema needs output: json", file=file, path=f"task_types[{i}].schema")
+
+
+def parse_config(data: Any, file: str) -> CascadeConfig:  # Any: parsed YAML
+    """Validate already-parsed YAML; ConfigError names ``file`` and the field path."""
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with 'models' and 'task_types'", file=file)
+    dup = [m.get("name") for m in data.get("models") or [] if isinstance(m, dict)]
+    try:
+        config = CascadeConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(err["msg"], file=file, path=_loc(tuple(err["loc"]))) from None
+    if len(set(dup)) != len(dup):
+        raise ConfigError("duplicate model name", file=file, path="models")
+    _check_references(config, file)
+    return config
+
+
+def load_config(path: str | Path) -> CascadeConfig:
+    """Read and validate cascade.yaml. Raises ConfigError naming the file and field."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=file) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else None
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file, path=where) from None
+    return parse_config(data, file)
+
+
+class CascadeSettings(BaseSettings):
+    """Environment settings (``CASCADE_*``). No URL means the embedded stack (demo and dev only)."""
+
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", frozen=True, extra="ignore")
+
+    database_url: str | None = None
+    # Postgres schema holding cascade's tables (search_path); None means the server's default.
+    db_schema: str | None = None
+    broker_url: str | None = None
+    config: Path = Path("cascade.yaml")
+    # Redis visibility timeout: must exceed the longest request with its retries (CELERY-NOTES §1).
+    visibility_timeout_s: int = 3600
+    # How long a claimed stage may run before the sweeper may hand it to another worker.
+    lease_s: int = 300
+    # Waits longer than this (Retry-After, backoff) go to Postgres (not_before) instead of sleeping.
+    max_inline_wait_s: float = 5.0
+    # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
+    key_prefix: str = ""
+    data_dir: Path = Path(".cascade")
+
+
+def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values beat the environment
+    """Settings from the environment, with explicit overrides (CLI flags) taking precedence."""
+    return CascadeSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,117 @@
+"""The one exception hierarchy of cascade.
+
+    CascadeError
+     ├─ ConfigError        a cascade.yaml or setting is wrong: file, field path
+     ├─ InputError         a submitted row is wrong: source file, line, field
+     ├─ ProviderError      a model request failed: model, url, status
+     │   ├─ ProviderTimeout        the request timed out (connect or read)
+     │   ├─ ProviderUnavailable    connection refused/reset, 5xx
+     │   ├─ ProviderRateLimited    429, with the server's retry_after
+     │   └─ ProviderBadResponse    HTTP 2xx/4xx whose body is not a usable completion
+     ├─ StateConflict      a job was not in the state a caller required
+     └─ IdempotencyConflict the same idempotency key came with other content
+
+A failed validation is not an exception: it is a ``Verdict``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CascadeError",
+    "ConfigError",
+    "IdempotencyConflict",
+    "InputError",
+    "ProviderBadResponse",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "StateConflict",
+]
+
+
+class CascadeError(Exception):
+    """Root of every error cascade raises on purpose."""
+
+
+class ConfigError(CascadeError):
+    """A config file or setting is invalid; the message names the file and the field path."""
+
+    def __init__(self, message: str, *, file: str | None = None, path: str | None = None) -> None:
+        self.file = file
+        self.path = path
+        where = ": ".join(p for p in (file, path) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class InputError(CascadeError):
+    """A submitted row is invalid; the message names the source, the line and the field."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, field: str | None = None) -> None:
+        self.source = source
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = source + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ProviderError(CascadeError):
+    """A request to a model failed. ``kind`` is the short name used in ``model_error:<kind>``."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, model: str = "", url: str = "", status: int | None = None) -> None:
+        self.model = model
+        self.url = url
+        self.status = status
+        super().__init__(f"model {model!r} at {url}: {message}" if model else message)
+
+
+class ProviderTimeout(ProviderError):
+    """The request did not complete within the model's timeout."""
+
+    kind = "timeout"
+
+
+class ProviderUnavailable(ProviderError):
+    """The connection failed or the server answered 5xx."""
+
+    kind = "unavailable"
+
+
+class ProviderRateLimited(ProviderError):
+    """The server answered 429; ``retry_after`` is its Retry-After in seconds, if it sent one."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class ProviderBadResponse(ProviderError):
+    """The server answered, but not with a usable chat completion (4xx, empty or non-JSON body)."""
+
+    kind = "bad_response"
+
+
+class StateConflict(CascadeError):
+    """A job was not in the state the caller required."""
+
+    def __init__(self, job_id: int, expected: str, found: str | None) -> None:
+        self.job_id = job_id
+        self.expected = expected
+        self.found = found
+        super().__init__(f"job {job_id}: expected status {expected!r}, found {found!r}")
+
+
+class IdempotencyConflict(CascadeError):
+    """An idempotency key was reused with different content; ``batch_id`` is the first batch."""
+
+    def __init__(self, key: str, batch_id: str) -> None:
+        self.key = key
+        self.batch_id = batch_id
+        super().__init__(
+            f"idempotency key {key!r} was already used by batch {batch_id} with different content"
+        )

@@ -1,0 +1,87 @@
+"""What happens next: after a verdict, and after a failed model request. Pure: no clock, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Action", "NextStep", "RequestStep", "after_request_error", "after_verdict", "backoff"]
+
+
+class Action(enum.StrEnum):
+    #: the tier's answer is the job's result
+    ACCEPT = "accept"
+    #: re-enqueue the job on the next tier's call stage
+    ESCALATE = "escalate"
+    #: no tier is left (or the policy gave up): the job failed
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """The job's next move after a tier's verdict."""
+
+    action: Action
+    tier: int  # the tier the job is at after the move
+
+
+def after_verdict(passed: bool, tier: int, tier_count: int) -> NextStep:
+    """A passing tier is accepted; a failing one escalates, or fails the job at the last tier.
+
+    ``on_exhausted: accept_last`` is applied by the validator (it votes with ``accept_any``), so a
+    last-tier verdict that still failed means no sample at all was valid.
+    """
+    if passed:
+        return NextStep(Action.ACCEPT, tier)
+    if tier < tier_count:
+        return NextStep(Action.ESCALATE, tier + 1)
+    return NextStep(Action.FAIL, tier)
+
+
+class RequestAction(enum.StrEnum):
+    #: send the request again after ``delay_s`` (short: the worker sleeps)
+    RETRY = "retry"
+    #: hand the job back to Postgres with ``not_before = now + delay_s``; the sweeper re-publishes it
+    DEFER = "defer"
+    #: stop trying: the request's samples count as missing (``model_error:<kind>``)
+    GIVE_UP = "give_up"
+
+
+@dataclass(frozen=True)
+class RequestStep:
+    action: RequestAction
+    delay_s: float = 0.0
+
+
+#: A 429 is retried this many times more than other errors before the request gives up.
+RATE_LIMIT_PATIENCE = 10
+
+RETRYABLE = frozenset({"timeout", "unavailable", "connection", "rate_limited", "bad_response"})
+
+
+def backoff(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:
+    """Exponential backoff for the ``attempt``-th retry (1-based): base × 2^(attempt-1), capped."""
+    return float(min(cap_s, base_s * 2 ** max(0, attempt - 1)))
+
+
+def after_request_error(
+    kind: str,
+    *,
+    retryable: bool,
+    attempt: int,
+    max_retries: int,
+    retry_after_s: float | None,
+    max_inline_wait_s: float,
+) -> RequestStep:
+    """Decide after the ``attempt``-th failed request (1-based) of one sample group.
+
+    Rate limits never exhaust the retries: a 429 means "later", not "broken"; a long wait is
+    deferred to Postgres so the worker slot is freed (CELERY-NOTES §1: no long countdowns).
+    """
+    if kind == "rate_limited" and attempt <= RATE_LIMIT_PATIENCE * max(1, max_retries):
+        delay = retry_after_s if retry_after_s is not None else backoff(attempt)
+        return RequestStep(RequestAction.RETRY if delay <= max_inline_wait_s else RequestAction.DEFER, delay)
+    if not retryable or attempt > max_retries:
+        return RequestStep(RequestAction.GIVE_UP)
+    delay = backoff(attempt)
+    return RequestStep(RequestAction.RETRY if delay <= max_inline_wait_s else RequestAction.DEFER, delay)

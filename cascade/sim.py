@@ -1,0 +1,646 @@
+"""An OpenAI-compatible chat server for tests, demos, dry runs and evaluation on recordings.
+
+Simulated mode answers from a hash of (seed, model, last user message, sample index), so every
+answer, wrong sample and fault is reproducible and predictable through ``SimConfig``. Replay mode
+(``cascade sim --replay FILE``) answers with recorded samples (DESIGN.md, "Evaluation on recorded
+answers"). Both serve ``/v1/chat/completions``, ``/health``, ``/v1/models`` and ``/stats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cascade.errors import ConfigError
+
+__all__ = [
+    "Fault",
+    "Outcome",
+    "Recording",
+    "SimConfig",
+    "SimModel",
+    "SimServer",
+    "expected_answer",
+    "load_recordings",
+    "serve",
+]
+
+Outcome = Literal["correct", "wrong", "invalid_json", "schema_violation", "too_short"]
+Fault = Literal["429", "500", "timeout", "drop", "empty_body", "non_json_body", "garbage", "truncated", "huge"]
+_FAULTS: tuple[Fault, ...] = ("429", "500", "timeout", "drop", "empty_body", "non_json_body", "garbage",
+                              "truncated", "huge")
+_INVALID_JSON = 'Sure! Here is the JSON: {"answer": '
+_HUGE_CHARS = 5 * 1024 * 1024
+_P = Field(0.0, ge=0, le=1)
+_T = TypeVar("_T")
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from the hash of ``parts``."""
+    return int.from_bytes(_digest(*parts)[:8], "big") / 2**64
+
+
+def _hex8(*parts: object) -> str:
+    return _digest(*parts).hex()[:8]
+
+
+def _bucket(u: float, weights: Iterable[tuple[_T, float]]) -> _T | None:
+    """The name whose cumulative-probability bucket holds ``u``, or None past the last one."""
+    edge = 0.0
+    for name, p in weights:
+        edge += p
+        if u < edge:
+            return name
+    return None
+
+
+class SimModel(BaseModel):
+    """How one simulated model behaves: answer quality per sample, latency and faults per request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    p_correct: float = Field(1.0, ge=0, le=1)
+    p_invalid_json: float = _P
+    p_schema_violation: float = _P
+    p_too_short: float = _P
+    latency_ms: float = Field(0, ge=0)
+    latency_jitter_ms: float = Field(0, ge=0)
+    p_429: float = _P
+    retry_after_s: float | None = Field(1.0, ge=0)  # None: no Retry-After header
+    p_500: float = _P
+    p_timeout: float = _P
+    hang_s: float = Field(30, ge=0)
+    p_drop: float = _P
+    p_empty_body: float = _P
+    p_non_json_body: float = _P
+    p_garbage: float = _P
+    p_truncated: float = _P
+    p_huge: float = _P
+
+    @model_validator(mode="after")
+    def _check_sums(self) -> SimModel:
+        if self.p_invalid_json + self.p_schema_violation + self.p_too_short > 1 + 1e-9:
+            raise ValueError("p_invalid_json + p_schema_violation + p_too_short exceeds 1")
+        if sum(self.fault_weights()) > 1 + 1e-9:
+            raise ValueError("the fault probabilities (p_429 ... p_huge) add up to more than 1")
+        return self
+
+    def fault_weights(self) -> tuple[float, ...]:
+        """The probabilities of ``_FAULTS``, in the order the draw uses."""
+        return (self.p_429, self.p_500, self.p_timeout, self.p_drop, self.p_empty_body, self.p_non_json_body,
+                self.p_garbage, self.p_truncated, self.p_huge)
+
+
+class SimConfig(BaseModel):
+    """The simulated models; a name not under ``models`` behaves like ``default``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    default: SimModel = SimModel()
+    models: dict[str, SimModel] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> SimConfig:
+        """Read a YAML file. Raises ConfigError naming the file and the field path."""
+        file = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read sim config: {exc.strerror}", file=file) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", file=file) from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(err["msg"], file=file, path=".".join(map(str, err["loc"])) or None) from None
+
+    def model(self, name: str) -> SimModel:
+        """The behaviour of model ``name``."""
+        return self.models.get(name, self.default)
+
+    def outcome(self, model: str, key: str, sample: int) -> Outcome:
+        """What sample number ``sample`` of ``model`` is for the request keyed ``key``."""
+        m = self.model(model)
+        u = _unit(self.seed, "outcome", model, key, sample)
+        bad: list[tuple[Outcome, float]] = [("invalid_json", m.p_invalid_json),
+                                            ("schema_violation", m.p_schema_violation), ("too_short", m.p_too_short)]
+        edge = sum(p for _, p in bad)
+        return _bucket(u, bad) or ("correct" if u < edge + m.p_correct * (1 - edge) else "wrong")
+
+    def fault(self, model: str, key: str, first_sample: int, attempt: int) -> Fault | None:
+        """The fault the ``attempt``-th (0-based) identical request gets, or None for a normal answer."""
+        u = _unit(self.seed, "fault", model, key, first_sample, attempt)
+        return _bucket(u, zip(_FAULTS, self.model(model).fault_weights(), strict=True))
+
+    def content(self, model: str, key: str, sample: int, response_format: Mapping[str, Any] | None = None) -> str:
+        """The message content of a sample when the request has no fault."""
+        outcome = self.outcome(model, key, sample)
+        if outcome == "correct":
+            return expected_answer(self.seed, key, response_format)
+        if outcome == "too_short":
+            return ""
+        if outcome == "invalid_json":
+            return _INVALID_JSON
+        if outcome == "schema_violation":
+            return _violation(_schema_of(response_format))
+        return self._wrong(model, key, sample, response_format)
+
+    def _wrong(self, model: str, key: str, sample: int, response_format: Mapping[str, Any] | None) -> str:
+        correct = expected_answer(self.seed, key, response_format)
+        for retry in range(8):
+            wrong = _generate(response_format, (self.seed, "wrong", model, key, sample, retry))
+            if wrong != correct:
+                return wrong
+        return wrong  # a schema with one or two possible values: nothing else is valid
+
+    def latency_s(self, model: str, key: str, first_sample: int, attempt: int) -> float:
+        """Seconds to wait before answering: latency_ms plus a deterministic jitter."""
+        m = self.model(model)
+        jitter = (2 * _unit(self.seed, "latency", model, key, first_sample, attempt) - 1) * m.latency_jitter_ms
+        return max(0.0, m.latency_ms + jitter) / 1000
+
+
+def _schema_of(response_format: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not response_format or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def expected_answer(seed: int, key: str, response_format: Mapping[str, Any] | None = None) -> str:
+    """The correct answer for ``key``, the same for every model and sample.
+
+    A JSON Schema in ``response_format`` gives a compact JSON instance of it; ``json_object`` gives
+    ``{"answer": "v<hex8>"}``; no response format gives the text ``answer v<hex8>``.
+    """
+    return _generate(response_format, (seed, "answer", key))
+
+
+def _generate(response_format: Mapping[str, Any] | None, salt: tuple[object, ...]) -> str:
+    schema = _schema_of(response_format)
+    if schema is not None:
+        return json.dumps(_instance(schema, schema, "|".join(map(str, salt)), 0), separators=(",", ":"),
+                          sort_keys=True)
+    if response_format and response_format.get("type") in ("json_object", "json_schema"):
+        return json.dumps({"answer": "v" + _hex8(*salt)}, separators=(",", ":"))
+    return "answer v" + _hex8(*salt)
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        node: Any = root
+        for part in filter(None, ref[1:].split("/")):
+            node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, dict) else {}
+        return _resolve(node, root) if isinstance(node, dict) else {}
+    for branch in ("anyOf", "oneOf"):
+        if schema.get(branch):
+            return _resolve(schema[branch][0], root)
+    if schema.get("allOf"):
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            merged.update(_resolve(part, root))
+        return merged
+    return schema
+
+
+def _type_of(schema: dict[str, Any]) -> str:
+    typ = schema.get("type")
+    if isinstance(typ, list):
+        typ = next((t for t in typ if t != "null"), "null")
+    if isinstance(typ, str):
+        return typ
+    return "object" if "properties" in schema else "array" if "items" in schema else "string"
+
+
+def _instance(schema: Any, root: dict[str, Any], salt: str, depth: int) -> Any:  # Any: a JSON value
+    schema = _resolve(schema, root) if isinstance(schema, dict) else {}
+    h = int.from_bytes(_digest(salt)[:8], "big")
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][h % len(schema["enum"])]
+    typ = _type_of(schema)
+    if typ == "object":
+        props = (schema.get("properties") or {}) if depth < 8 else {}
+        return {name: _instance(sub, root, f"{salt}/{name}", depth + 1) for name, sub in props.items()}
+    if typ == "array":
+        lo, hi = schema.get("minItems", 1), schema.get("maxItems", 3)
+        count = min(max(1 + h % 3, lo), max(hi, lo)) if depth < 8 else 0
+        return [_instance(schema.get("items"), root, f"{salt}/{i}", depth + 1) for i in range(count)]
+    if typ in ("integer", "number"):
+        return _number(schema, h, typ == "integer")
+    if typ == "boolean":
+        return h % 2 == 0
+    if typ == "null":
+        return None
+    text = "v" + _digest(salt).hex()[:8]
+    text += "x" * max(0, schema.get("minLength", 0) - len(text))
+    return text[: schema["maxLength"]] if "maxLength" in schema else text
+
+
+def _bound(schema: dict[str, Any], key: str, exclusive: str, step: float) -> float | None:
+    value = schema.get(key)
+    ex = schema.get(exclusive)
+    if value is None and isinstance(ex, int | float) and not isinstance(ex, bool):
+        value = ex + step
+    return value if isinstance(value, int | float) else None
+
+
+def _number(schema: dict[str, Any], h: int, integer: bool) -> int | float:
+    step = 1 if integer else 0.01
+    lo, hi = _bound(schema, "minimum", "exclusiveMinimum", step), _bound(schema, "maximum", "exclusiveMaximum", -step)
+    if integer:
+        lo, hi = (math.ceil(lo) if lo is not None else None), (math.floor(hi) if hi is not None else None)
+        if lo is not None and hi is not None:
+            return lo + h % max(hi - lo + 1, 1)
+        base: int | float = h % 1000
+    elif lo is not None and hi is not None:
+        return lo + (hi - lo) * (h % 100001) / 100000
+    else:
+        base = h % 100000 / 100
+    return lo + base if lo is not None else hi - base if hi is not None else base
+
+
+def _violation(schema: dict[str, Any] | None) -> str:
+    if schema is None:
+        return json.dumps(["not", "an", "object"])
+    typ = schema.get("type", "object" if "properties" in schema else None)
+    allowed = set(typ) if isinstance(typ, list) else {typ}
+    values = {"array": ["schema", "violation"], "object": {"schema": "violation"}, "string": "schema violation"}
+    return json.dumps(next((v for t, v in values.items() if t not in allowed), None))
+
+
+class RecordedSample(BaseModel):
+    """One recorded completion."""
+
+    model_config = ConfigDict(frozen=True)
+
+    content: str
+    completion_tokens: int = Field(ge=0)
+
+
+class RecordedResponse(BaseModel):
+    """The recorded samples of one model (or ``model#variant``) for one input."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = Field(ge=0)
+    samples: list[RecordedSample]
+
+
+class Recording(BaseModel):
+    """One line of a replay file: an input, its gold answer and each model's recorded samples."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    input: dict[str, Any]  # Any: the row's fields, as submitted
+    gold: Any = None  # Any: whatever the dataset calls correct
+    responses: dict[str, RecordedResponse] = {}
+
+    def needles(self) -> list[str]:
+        """The strings a prompt must contain to match: each input value, rendered as prompts render it."""
+        return [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in self.input.values()]
+
+
+def load_recordings(path: str | Path) -> list[Recording]:
+    """Read a JSONL replay file. Raises ConfigError naming the file and the line."""
+    file = str(path)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read recordings: {exc.strerror}", file=file) from None
+    recordings: list[Recording] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = Recording.model_validate_json(line)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            raise ConfigError(f"{where}: {err['msg']}" if where else err["msg"], file=file, path=f"line {number}") \
+                from None
+        if rec.id in seen:
+            raise ConfigError(f"duplicate recording id {rec.id!r}", file=file, path=f"line {number}")
+        seen.add(rec.id)
+        recordings.append(rec)
+    return recordings
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _Request:
+    model: str
+    variant: str | None
+    first: int
+    n: int
+    key: str
+    prompt_tokens: int
+    response_format: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    drop: bool = False
+
+
+_STATIC_REPLIES: dict[Fault | None, _Reply] = {
+    "drop": _Reply(0, drop=True), "empty_body": _Reply(200), "non_json_body": _Reply(200, b"<html>oops</html>", "text/html")}
+
+
+def _text(content: Any) -> str:  # Any: a message content, a string or a list of parts
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _parse(raw: bytes, headers: Message[str, str]) -> _Request:
+    try:
+        body = json.loads(raw)
+        messages = body["messages"]
+        texts = [(m.get("role"), _text(m.get("content"))) for m in messages]
+        first, n = int(headers.get("X-Cascade-Sample") or 0), int(body.get("n") or 1)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _HttpError(400, f"not a chat completion request: {exc!r}") from None
+    model = headers.get("X-Cascade-Model") or body.get("model")
+    users = [text for role, text in texts if role == "user"]
+    if not model or not users or n < 1 or first < 0:
+        raise _HttpError(400, "a request needs a model, a user message, n >= 1 and X-Cascade-Sample >= 0")
+    rf = body.get("response_format")
+    return _Request(model=str(model), variant=headers.get("X-Cascade-Variant") or None, first=first, n=n,
+                    key=users[-1], prompt_tokens=1 + sum(len(t) for _, t in texts) // 4,
+                    response_format=rf if isinstance(rf, dict) else None)
+
+
+def _json(status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:  # Any: a JSON value
+    return _Reply(status, json.dumps(data).encode(), headers=headers)
+
+
+def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:
+    return _json(status, {"error": {"message": message, "type": "cascade_sim", "code": status}}, headers)
+
+
+def _completion(req: _Request, contents: list[str], finish: str, completion_tokens: int | None = None,
+                prompt_tokens: int | None = None) -> _Reply:
+    prompt = req.prompt_tokens if prompt_tokens is None else prompt_tokens
+    done = sum(1 + len(c) // 4 for c in contents) if completion_tokens is None else completion_tokens
+    return _json(200, {
+        "id": "chatcmpl-" + _hex8(req.model, req.key, req.first, time.monotonic_ns()),
+        "object": "chat.completion", "created": int(time.time()), "model": req.model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": finish}
+                    for i, c in enumerate(contents)],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done},
+    })
+
+
+class _Sim:
+    """The server's state and answers; handler threads share one instance."""
+
+    def __init__(self, config: SimConfig, recordings: list[Recording] | None) -> None:
+        self.config = config
+        self.recordings = None if recordings is None else [(r, r.needles()) for r in recordings]
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._attempts: Counter[tuple[str, str, int, int]] = Counter()
+            self._by_model: Counter[str] = Counter()
+            self._in_flight = getattr(self, "_in_flight", 0)
+            self._peak = self._in_flight
+
+    def stats(self) -> dict[str, Any]:  # Any: a JSON object
+        with self._lock:
+            return {"requests": sum(self._by_model.values()), "by_model": dict(self._by_model),
+                    "in_flight": self._in_flight, "max_in_flight": self._peak}
+
+    def answer(self, req: _Request) -> _Reply:
+        """Count the request, wait its latency, then simulate or replay; in flight until it returns."""
+        with self._lock:
+            attempt = self._attempts[(req.model, req.key, req.first, req.n)]
+            self._attempts[(req.model, req.key, req.first, req.n)] += 1
+            self._by_model[req.model] += 1
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
+        try:
+            self.stopping.wait(self.config.latency_s(req.model, req.key, req.first, attempt))
+            return self._replay(req) if self.recordings is not None else self._simulate(req, attempt)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _simulate(self, req: _Request, attempt: int) -> _Reply:
+        cfg, m = self.config, self.config.model(req.model)
+        fault = cfg.fault(req.model, req.key, req.first, attempt)
+        if fault == "429":
+            retry = () if m.retry_after_s is None else (("Retry-After", f"{m.retry_after_s:g}"),)
+            return _error(429, "rate limited (simulated)", retry)
+        if fault == "500":
+            return _error((500, 502, 503)[int(_unit(cfg.seed, "status", req.model, req.key, attempt) * 3)],
+                          "server error (simulated)")
+        if fault in _STATIC_REPLIES:
+            return _STATIC_REPLIES[fault]
+        if fault == "timeout":
+            self.stopping.wait(m.hang_s)
+        contents = [cfg.content(req.model, req.key, req.first + i, req.response_format) for i in range(req.n)]
+        if fault == "garbage":
+            contents = ["".join(_digest(cfg.seed, "garbage", req.key, i, j).hex() + " ~#%" for j in range(3))
+                        for i in range(req.n)]
+        elif fault == "huge":
+            contents = ["x" * _HUGE_CHARS for _ in contents]
+        elif fault == "truncated":
+            return _completion(req, [c[: len(c) // 2] for c in contents], "length")
+        return _completion(req, contents, "stop")
+
+    def _replay(self, req: _Request) -> _Reply:
+        rec = self._match(req.key)
+        model_key = f"{req.model}#{req.variant}" if req.variant else req.model
+        resp = rec.responses.get(model_key)
+        if resp is None:
+            raise _HttpError(404, f"recording {rec.id!r} has no responses for model key {model_key!r} "
+                                  f"(recorded: {', '.join(sorted(rec.responses)) or 'none'})")
+        samples = resp.samples[req.first: req.first + req.n]
+        if not samples:
+            raise _HttpError(404, f"recording {rec.id!r} has {len(resp.samples)} samples for {model_key!r}; "
+                                  f"sample {req.first} was asked for")
+        return _completion(req, [s.content for s in samples], "stop", prompt_tokens=resp.prompt_tokens,
+                           completion_tokens=sum(s.completion_tokens for s in samples))
+
+    def _match(self, message: str) -> Recording:
+        assert self.recordings is not None
+        hits = [(sum(map(len, needles)), rec) for rec, needles in self.recordings
+                if all(n in message for n in needles)]
+        if not hits:
+            raise _HttpError(404, f"no recording matches the last user message {message[:80]!r}")
+        longest = max(size for size, _ in hits)
+        best = [rec for size, rec in hits if size == longest]
+        if len(best) > 1:
+            raise _HttpError(409, f"several recordings match the last user message: {[r.id for r in best]}")
+        return best[0]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a hung (p_timeout) handler must not delay stop()
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], sim: _Sim) -> None:
+        self.sim = sim
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is not our error
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes; Nagle would hold the body for 40 ms
+    timeout = 300  # an idle keep-alive connection frees its thread after this
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # Any: the base class's signature
+        pass
+
+    def do_GET(self) -> None:
+        routes: dict[str, Callable[[], Any]] = {"/health": lambda: {"ok": True}, "/stats": self.server.sim.stats,
+                  "/v1/models": lambda: {"object": "list", "data": self._models()}}
+        route = routes.get(self.path.split("?")[0])
+        self._send(_json(200, route()) if route else _error(404, f"no route GET {self.path}"))
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = self.path.split("?")[0]
+        if path == "/stats/reset":
+            self.server.sim.reset()
+            self._send(_json(200, {"ok": True}))
+        elif path in ("/v1/chat/completions", "/chat/completions"):
+            self._send(self._chat(raw))
+        else:
+            self._send(_error(404, f"no route POST {self.path}"))
+
+    def _chat(self, raw: bytes) -> _Reply:
+        try:
+            return self.server.sim.answer(_parse(raw, self.headers))
+        except _HttpError as exc:
+            return _error(exc.status, str(exc))
+
+    def _models(self) -> list[dict[str, Any]]:  # Any: JSON objects
+        sim = self.server.sim
+        names = {k.split("#")[0] for r, _ in sim.recordings for k in r.responses} if sim.recordings else set()
+        return [{"id": n, "object": "model", "owned_by": "cascade-sim"} for n in sorted(names | set(sim.config.models))]
+
+    def _send(self, reply: _Reply) -> None:
+        if reply.drop:
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+
+class SimServer:
+    """A sim on a real port, run in a background thread (``start``) or in the foreground (``serve_forever``).
+
+    Args:
+        config: the simulated models; ``SimConfig()`` (every answer correct, no faults) when None.
+        recordings: replay these instead of simulating; the config then only sets latency.
+        host: the address to bind.
+        port: the port to bind; 0 picks a free one (see ``url``).
+    """
+
+    def __init__(self, config: SimConfig | None = None, *, recordings: list[Recording] | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or SimConfig()
+        self._sim = _Sim(self.config, recordings)
+        self._httpd = _Server((host, port), self._sim)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL an OpenAI client uses, e.g. ``http://127.0.0.1:8080/v1``."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}/v1"
+
+    def start(self) -> Self:
+        """Serve in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True,
+                                        name="cascade-sim")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake sleeping handlers and close the socket. Safe to call twice."""
+        self._sim.stopping.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until KeyboardInterrupt."""
+        try:
+            self._httpd.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._sim.stopping.set()
+            self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(*, host: str, port: int, config_path: str | None, seed: int | None, replay: str | None) -> None:
+    """Run ``cascade sim``: announce the URL on stderr, then serve until interrupted.
+
+    Raises:
+        ConfigError: the sim config or the replay file is invalid.
+    """
+    config = SimConfig.load(config_path) if config_path else SimConfig()
+    if seed is not None:
+        config = config.model_copy(update={"seed": seed})
+    server = SimServer(config, recordings=load_recordings(replay) if replay else None, host=host, port=port)
+    print(f"cascade sim listening on {server.url}", file=sys.stderr, flush=True)
+    server.serve_forever()

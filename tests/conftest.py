@@ -1,0 +1,176 @@
+"""Real services for every test run.
+
+``CASCADE_TEST_DATABASE_URL`` and ``CASCADE_TEST_BROKER_URL`` point the suite at running servers;
+without them the session starts an embedded PostgreSQL and Redis (cascade.embedded). Each test gets
+its own Postgres schema (migrated to head, dropped afterwards) and its own Redis key prefix, so runs
+and xdist workers never collide and nothing is flushed on a shared Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from cascade.config import CascadeSettings
+from cascade.migrate import upgrade
+from cascade.sim import SimConfig, SimServer
+from cascade.store import make_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Services:
+    database_url: str
+    broker_url: str
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    db = os.environ.get("CASCADE_TEST_DATABASE_URL")
+    broker = os.environ.get("CASCADE_TEST_BROKER_URL")
+    if db and broker:
+        yield Services(db, broker)
+        return
+    from cascade.embedded import start_embedded, stop_embedded
+
+    data_dir = Path(tmp_path_factory.mktemp("stack"))
+    stack = start_embedded(data_dir)
+    try:
+        yield Services(db or stack.database_url, broker or stack.broker_url)
+    finally:
+        stop_embedded(data_dir)
+
+
+@dataclass
+class Env:
+    """One test's isolated slice of the services: a schema and a key prefix."""
+
+    services: Services
+    schema: str
+    prefix: str
+    engine: Engine
+
+    def settings(self, **overrides: Any) -> CascadeSettings:
+        values: dict[str, Any] = {
+            "database_url": self.services.database_url, "broker_url": self.services.broker_url,
+            "db_schema": self.schema, "key_prefix": self.prefix, "max_inline_wait_s": 1.0,
+        }
+        return CascadeSettings(**{**values, **overrides})
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        env.update({
+            "CASCADE_DATABASE_URL": self.services.database_url, "CASCADE_BROKER_URL": self.services.broker_url,
+            "CASCADE_DB_SCHEMA": self.schema, "CASCADE_KEY_PREFIX": self.prefix, "CASCADE_MAX_INLINE_WAIT_S": "1",
+            "PYTHONPATH": str(ROOT),
+        })
+        env.update(extra)
+        return env
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(text(sql), params).all())
+
+
+@pytest.fixture
+def env(services: Services) -> Iterator[Env]:
+    tag = uuid.uuid4().hex[:10]
+    schema = f"t_{tag}"
+    admin = make_engine(services.database_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = make_engine(services.database_url, schema=schema, pool_size=10)
+    upgrade(engine)
+    try:
+        yield Env(services, schema, f"{tag}:", engine)
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sim() -> Iterator[Callable[..., SimServer]]:
+    """Factory: ``sim(config)`` starts a SimServer on a free port, stopped at teardown."""
+    servers: list[SimServer] = []
+
+    def start(config: SimConfig | None = None, **kw: Any) -> SimServer:
+        server = SimServer(config, **kw).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def workers(env: Env, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``workers(queues="tier1,...", concurrency=64)`` starts a real `celery worker` process."""
+    started: list[WorkerProcess] = []
+
+    def start(queues: str = "tier1,tier2,tier3,validate", concurrency: int = 64, pool: str = "gevent",
+              **extra_env: str) -> WorkerProcess:
+        name = f"w{len(started)}-{env.schema}@%h"
+        log = tmp_path / f"worker{len(started)}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", pool, "-c", str(concurrency),
+               "-Q", queues, "-n", name, "--without-gossip", "--without-mingle", "-l", "warning"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env.environ(**extra_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(proc, log)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    for worker in started:
+        text_ = worker.log.read_text(errors="replace")
+        if "Traceback" in text_ or "CRITICAL" in text_:
+            print(f"--- {worker.log} ---\n{text_[-5000:]}")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.2) -> None:
+    """Poll until ``predicate()`` holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)

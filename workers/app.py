@@ -1,0 +1,18 @@
+"""The Celery app: `celery -A workers.app worker -P gevent -c 256 -Q tier1` (any queue set),
+`celery -A workers.app flower`. Settings come from CASCADE_* (cascade.config.CascadeSettings)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from cascade.config import load_settings
+from cascade.errors import ConfigError
+from cascade.publish import celery_config
+
+settings = load_settings()
+if not settings.broker_url:
+    raise ConfigError("CASCADE_BROKER_URL is not set (for the embedded stack run `cascade dev` and export what "
+                      "it prints)")
+
+app = Celery("cascade", include=["workers.tasks"])
+app.conf.update(celery_config(settings, settings.broker_url))

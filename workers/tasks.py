@@ -1,0 +1,50 @@
+"""Celery tasks: one line into cascade.stages each. Messages carry ids, never rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from cascade.providers import ProviderPool
+from cascade.publish import CALL_TASK, VALIDATE_TASK, CeleryPublisher
+from cascade.stages import StageContext, run_call, run_validate
+from cascade.store import make_engine
+from workers.app import app, settings
+
+_context: StageContext | None = None
+
+# A Postgres blip raises before the stage committed; Celery then re-sends the message (short
+# countdown, well under the visibility timeout) and acks the old one. The sweeper covers the rest.
+RETRY: dict[str, Any] = {
+    "autoretry_for": (DBAPIError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 10,
+    "max_retries": 8,
+}
+
+
+def context() -> StageContext:
+    """The process's StageContext, built on first use (after gevent patched the process)."""
+    global _context
+    if _context is None:
+        if not settings.database_url:
+            raise RuntimeError("CASCADE_DATABASE_URL is not set")
+        pool = max(4, min(64, int(app.conf.worker_concurrency or 4) // 4))
+        _context = StageContext(
+            engine=make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema),
+            publisher=CeleryPublisher(app),
+            providers=ProviderPool(),
+            settings=settings,
+        )
+    return _context
+
+
+@app.task(name=CALL_TASK, **RETRY)
+def call_model(job_id: int, tier: int) -> None:
+    run_call(context(), job_id, tier)
+
+
+@app.task(name=VALIDATE_TASK, **RETRY)
+def validate(job_id: int, tier: int) -> None:
+    run_validate(context(), job_id, tier)
