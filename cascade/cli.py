@@ -7,6 +7,7 @@ stderr; every read command has ``--json``.
 from __future__ import annotations
 
 import csv
+import signal
 import json
 import sys
 import time
@@ -180,14 +181,18 @@ def stats(
     Console().print(stats_table(rows))
 
 
+STATS_COLUMNS = ["jobs", "finished", "succeeded", "failed", "escalation_rate", "tier2_rate", "tier3_rate",
+                 "avg_cost_usd", "baseline_cost_usd", "savings_pct", "p50_latency_ms", "p95_latency_ms"]
+
+
 def stats_table(rows: list[dict[str, Any]]) -> Table:  # Any: view rows
+    """escalation_stats with one column per task type (it stays readable in 80 columns)."""
     table = Table(title="escalation_stats")
-    cols = ["task_type", "jobs", "finished", "succeeded", "failed", "escalation_rate", "tier2_rate", "tier3_rate",
-            "avg_cost_usd", "baseline_cost_usd", "savings_pct", "p50_latency_ms", "p95_latency_ms"]
-    for col in cols:
-        table.add_column(col, justify="left" if col == "task_type" else "right")
+    table.add_column("")
     for row in rows:
-        table.add_row(*[_cell(row.get(col)) for col in cols])
+        table.add_column(str(row["task_type"]), justify="right")
+    for col in STATS_COLUMNS:
+        table.add_row(col, *[_cell(row.get(col)) for row in rows])
     return table
 
 
@@ -232,5 +237,106 @@ def sim(
                                     seed=seed, replay=str(replay) if replay else None))
 
 
+DEMO_BATCHES = {"ticket_triage": ("tickets.jsonl", "ticket_id"), "review_summary": ("reviews.jsonl", "review_id")}
+DataDirOpt = Annotated[Path | None, typer.Option(help="Where embedded services keep their data (default .cascade).")]
+
+
+def _tier_progress(client: Client, batch_ids: list[str]) -> None:
+    """One live bar per tier: jobs that reached the tier, and how many of them are done with it."""
+    sql = "SELECT tier, status, count(*) FROM jobs WHERE batch_id = ANY(:ids) GROUP BY tier, status"
+    from sqlalchemy import text
+
+    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        tasks = {t: bar.add_task(f"tier {t}", total=0) for t in (1, 2, 3)}
+        while True:
+            with client.engine.connect() as conn:
+                rows = conn.execute(text(sql), {"ids": batch_ids}).all()
+            for t, task in tasks.items():
+                reached = sum(n for tier, _, n in rows if tier >= t)
+                done = sum(n for tier, status, n in rows if tier > t or (tier == t and status in ("succeeded", "failed")))
+                bar.update(task, total=reached, completed=done)
+            if rows and all(status in ("succeeded", "failed") for _, status, _ in rows):
+                return
+            time.sleep(0.3)
+
+
+def _print_summary(rows: list[dict[str, Any]], flower: str, psql: str | None, elapsed: float) -> None:
+    out = Console()
+    out.print(stats_table(rows))
+    cost = sum(float(r["avg_cost_usd"] or 0) * r["finished"] for r in rows)
+    baseline = sum(float(r["baseline_cost_usd"] or 0) * r["finished"] for r in rows)
+    if baseline:
+        out.print(f"cost ${cost:.4f} vs ${baseline:.4f} for the top tier alone on the same rows: "
+                  f"{100 * (1 - cost / baseline):.1f}% saved")
+    out.print(f"finished in {elapsed:.1f} s; Flower ran at {flower}")
+    if psql:
+        out.print("query the embedded database (it stays up until `cascade dev --stop`):")
+        out.print(f"  {psql} -c 'SELECT task_type, escalation_rate, tier3_rate, savings_pct FROM escalation_stats'",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Leave the stack up for your own `cascade submit` until Ctrl-C.")]
+    = False,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run the whole cascade on bundled rows: embedded Postgres and Redis, the sim, workers and Flower."""
+    from cascade.stack import DEMO_DATA, run_stack
+
+    started = time.monotonic()
+    settings = load_settings(data_dir=data_dir)
+    with run_stack(settings, keep_services=True) as stack:
+        err.print(f"Flower: {stack.flower_url} (basic auth {stack.flower_auth}); logs in {stack.log_dir}")
+        client = Client(stack.settings.model_copy(update={"config": stack.config_path}))
+        ids = [_guard(lambda t=task, f=file, k=key: client.submit(t, DEMO_DATA / f, key_field=k)).batch_id  # type: ignore[misc]
+               for task, (file, key) in DEMO_BATCHES.items()]
+        err.print(f"submitted {len(ids)} batches: {', '.join(ids)}")
+        _tier_progress(client, ids)
+        _print_summary(client.stats(), stack.flower_url, stack.psql_command, time.monotonic() - started)
+        if keep:
+            _stay_up(stack)
+        client.close()
+
+
+def _stay_up(stack: Any) -> None:  # Any: cascade.stack.DevStack (imported lazily)
+    err.print("the stack is up; in another shell:")
+    typer.echo(stack.exports())
+    err.print(f"sim (OpenAI-compatible): {stack.sim_url}\nFlower: {stack.flower_url} ({stack.flower_auth})\n"
+              "Ctrl-C stops everything.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        err.print("stopping")
+
+
+@app.command()
+def dev(
+    data_dir: DataDirOpt = None,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop embedded services a demo left up, then exit.")] = False,
+) -> None:
+    """Start embedded Postgres and Redis, the sim, workers and Flower; print the env vars; stay up until Ctrl-C."""
+    from cascade.embedded import stop_embedded
+    from cascade.stack import run_stack
+
+    settings = load_settings(data_dir=data_dir)
+    if stop:
+        stop_embedded(settings.data_dir.resolve() / "services")
+        err.print("embedded services stopped")
+        return
+    with run_stack(settings) as stack:
+        _stay_up(stack)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so demo and dev stop what they started.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app()
+if __name__ == "__main__":
+    main()

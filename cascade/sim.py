@@ -8,6 +8,7 @@ answers"). Both serve ``/v1/chat/completions``, ``/health``, ``/v1/models`` and 
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import json
 import math
@@ -520,6 +521,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], sim: _Sim) -> None:
         self.sim = sim
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
+        # threading.Thread.start() waits until the new thread runs, which serializes accepts behind the GIL
+        # when hundreds of connections arrive at once; a bare thread lets the accept loop move on.
+        _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is not our error

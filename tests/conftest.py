@@ -9,9 +9,11 @@ and xdist workers never collide and nothing is flushed on a shared Redis.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +39,7 @@ class Services:
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+def services() -> Iterator[Services]:
     db = os.environ.get("CASCADE_TEST_DATABASE_URL")
     broker = os.environ.get("CASCADE_TEST_BROKER_URL")
     if db and broker:
@@ -45,12 +47,15 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         return
     from cascade.embedded import start_embedded, stop_embedded
 
-    data_dir = Path(tmp_path_factory.mktemp("stack"))
+    # Not under pytest's tmp_path: as root, Postgres runs as another user that must enter every parent
+    # directory, and pytest resets /tmp/pytest-of-root to mode 0700.
+    data_dir = Path(tempfile.mkdtemp(prefix="cascade-test-"))
     stack = start_embedded(data_dir)
     try:
         yield Services(db or stack.database_url, broker or stack.broker_url)
     finally:
         stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @dataclass

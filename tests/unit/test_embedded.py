@@ -81,7 +81,7 @@ def _server_processes(data_dir: Path) -> list[psutil.Process]:
                 continue  # exited, waiting for init to reap it
             if str(data_dir) in " ".join(process.cmdline()) or process.cwd().startswith(str(data_dir)):
                 found.append(process)
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # exited meanwhile
             continue
     return found
 

@@ -338,59 +338,62 @@ def test_replay_load_errors_name_file_and_line(tmp_path: Path) -> None:
         load_recordings(tmp_path / "missing.jsonl")
 
 
-# Concurrency
+# `cascade sim` as its own process
 
 
-def test_300_concurrent_requests_overlap(sim: Factory) -> None:
-    # Given a model answering in 200 ms
-    server = sim(_one(latency_ms=200))
+@pytest.fixture(scope="module")
+def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Run ``serve()`` the way ``cascade sim`` does, in a subprocess; yield the URL it announces."""
+    config = tmp_path_factory.mktemp("sim") / "sim.yaml"
+    config.write_text("models:\n  slow: {latency_ms: 200}\n  limited: {p_429: 1.0}\n")
+    code = f"from cascade.sim import serve; serve(host='127.0.0.1', port=0, config_path={str(config)!r}, seed=5, " \
+           "replay=None)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("cascade sim listening on http://127.0.0.1:"), line
+        yield line.split()[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+        proc.stderr.close()
+
+
+def test_serve_uses_the_config_file_and_the_seed_flag(sim_process: str) -> None:
+    with httpx.Client() as client:
+        limited = client.post(f"{sim_process}/chat/completions", json={
+            "model": "limited", "messages": [{"role": "user", "content": "q"}]})
+        ok = client.post(f"{sim_process}/chat/completions", json={
+            "model": "other", "messages": [{"role": "user", "content": "q"}]})
+    assert limited.status_code == 429
+    assert _contents(ok) == [expected_answer(5, "q")]
+
+
+def test_300_concurrent_requests_overlap(sim_process: str) -> None:
+    # The server runs in its own process: an in-process client would share the GIL with 300 handler threads
+    # and measure itself. One pool of 300 connections costs httpcore O(connections) per response, so the
+    # load is spread over 30 clients sharing one SSL context (each context costs ~20 ms to build).
+    base = sim_process.removesuffix("/v1")
+    httpx.post(f"{base}/stats/reset")
 
     async def run() -> list[httpx.Response]:
-        # One pool of 300 connections costs httpcore O(connections) per response (~8 ms each here), so the
-        # load is spread over 30 clients sharing one SSL context (each context costs ~20 ms to build).
         ctx = ssl.create_default_context()
         clients = [httpx.AsyncClient(timeout=10, verify=ctx) for _ in range(30)]
         try:
             return await asyncio.gather(*[clients[i % 30].post(
-                f"{server.url}/chat/completions", headers={"X-Cascade-Model": "m"},
+                f"{sim_process}/chat/completions", headers={"X-Cascade-Model": "slow"},
                 json={"messages": [{"role": "user", "content": f"q{i}"}]}) for i in range(300)])
         finally:
             await asyncio.gather(*[c.aclose() for c in clients])
 
-    # When 300 requests are sent at once
+    # Given a model answering in 200 ms, when 300 requests are sent at once
     start = time.monotonic()
     responses = asyncio.run(run())
     elapsed = time.monotonic() - start
     # Then they all succeed, overlapping rather than queueing
     assert [r.status_code for r in responses] == [200] * 300
     assert elapsed < 2.0
-    stats = httpx.get(server.url.removesuffix("/v1") + "/stats").json()
+    stats = httpx.get(f"{base}/stats").json()
     assert stats["requests"] == 300 and stats["in_flight"] == 0 and stats["max_in_flight"] >= 250
-
-
-def test_serve_announces_its_url_and_answers(tmp_path: Path) -> None:
-    # Given `cascade sim` started the way the CLI starts it, on a free port
-    config = tmp_path / "sim.yaml"
-    config.write_text("models:\n  m: {p_429: 1.0}\n")
-    code = f"from cascade.sim import serve; serve(host='127.0.0.1', port=0, config_path={str(config)!r}, seed=5, " \
-           "replay=None)"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        # When it announces its URL
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert line.startswith("cascade sim listening on http://127.0.0.1:")
-        url = line.split()[-1]
-        # Then it serves the configured models, with the seed from the flag
-        with httpx.Client() as client:
-            assert client.post(f"{url}/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": "q"}]}).status_code == 429
-            ok = client.post(f"{url}/chat/completions", json={
-                "model": "x", "messages": [{"role": "user", "content": "q"}]})
-            assert _contents(ok) == [expected_answer(5, "q")]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
-        assert proc.stderr is not None
-        proc.stderr.close()

