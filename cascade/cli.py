@@ -7,8 +7,8 @@ stderr; every read command has ``--json``.
 from __future__ import annotations
 
 import csv
-import signal
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable

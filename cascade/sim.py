@@ -514,9 +514,7 @@ class _Sim:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # a hung (p_timeout) handler must not delay stop()
-    request_queue_size = 1024
+    request_queue_size = 1024  # the listen backlog: 300 clients may connect at once
 
     def __init__(self, address: tuple[str, int], sim: _Sim) -> None:
         self.sim = sim
@@ -524,7 +522,8 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
         # threading.Thread.start() waits until the new thread runs, which serializes accepts behind the GIL
-        # when hundreds of connections arrive at once; a bare thread lets the accept loop move on.
+        # when hundreds of connections arrive at once; a bare thread lets the accept loop move on. Like a
+        # daemon thread it dies with the process, and stop() never waits for it (a p_timeout handler hangs).
         _thread.start_new_thread(self.process_request_thread, (request, client_address))
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
