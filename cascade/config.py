@@ -222,10 +222,28 @@ def render(template: str, row: dict[str, Any]) -> str:
     return template.format_map(values)
 
 
+_UNION_TAGS = frozenset({"str", "TierConfig"})
+
+
 def _loc(parts: tuple[int | str, ...]) -> str:
     out = ""
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _templates(task: TaskType) -> list[tuple[str, str]]:
+    """(field path, template) of every prompt and system text of a task type, tiers and variants included."""
+    out = [("prompt", task.prompt), ("system", task.system)]
+    for k, v in enumerate(task.self_consistency.variants or []):
+        out += [(f"self_consistency.variants[{k}].prompt", v.prompt), (f"self_consistency.variants[{k}].system",
+                                                                         v.system or "")]
+    for j, tier in enumerate(task.tiers):
+        if isinstance(tier, TierConfig):
+            out += [(f"tiers[{j}].prompt", tier.prompt or ""), (f"tiers[{j}].system", tier.system or "")]
+            for k, v in enumerate(tier.variants or []):
+                out += [(f"tiers[{j}].variants[{k}].prompt", v.prompt),
+                        (f"tiers[{j}].variants[{k}].system", v.system or "")]
     return out
 
 
@@ -240,10 +258,7 @@ def _check_references(config: CascadeConfig, file: str) -> None:
             name = tier if isinstance(tier, str) else tier.model
             if name not in models:
                 raise ConfigError(f"unknown model {name!r}", file=file, path=f"task_types[{i}].tiers[{j}]")
-        templates = [("prompt", task.prompt), ("system", task.system)]
-        templates += [(f"tiers[{j}].prompt", t.prompt) for j, t in enumerate(task.tiers) if isinstance(t, TierConfig)
-                      and t.prompt]
-        for path, text in templates:
+        for path, text in _templates(task):
             try:
                 template_fields(text)
             except ValueError as exc:
@@ -260,8 +275,11 @@ def parse_config(data: Any, file: str) -> CascadeConfig:  # Any: parsed YAML
     try:
         config = CascadeConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(err["msg"], file=file, path=_loc(tuple(err["loc"]))) from None
+        errors = exc.errors()
+        # A tier is `str | TierConfig`: pydantic reports both branches; the object's error is the useful one.
+        err = next((e for e in errors if e["loc"][-1:] != ("str",)), errors[0])
+        loc = tuple(part for part in err["loc"] if part not in _UNION_TAGS)
+        raise ConfigError(err["msg"], file=file, path=_loc(loc)) from None
     if len(set(dup)) != len(dup):
         raise ConfigError("duplicate model name", file=file, path="models")
     _check_references(config, file)
@@ -307,4 +325,9 @@ class CascadeSettings(BaseSettings):
 
 def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values beat the environment
     """Settings from the environment, with explicit overrides (CLI flags) taking precedence."""
-    return CascadeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CascadeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "CASCADE_" + "_".join(str(p) for p in err["loc"]).upper()
+        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", file="environment", path=name) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Action", "NextStep", "RequestStep", "after_request_error", "after_verdict", "backoff"]
+__all__ = ["Action", "NextStep", "RequestAction", "RequestStep", "after_request_error", "after_verdict", "backoff"]
 
 
 class Action(enum.StrEnum):
@@ -61,7 +61,7 @@ RETRYABLE = frozenset({"timeout", "unavailable", "connection", "rate_limited", "
 
 def backoff(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Exponential backoff for the ``attempt``-th retry (1-based): base × 2^(attempt-1), capped."""
-    return float(min(cap_s, base_s * 2 ** max(0, attempt - 1)))
+    return float(min(cap_s, base_s * 2.0 ** min(64, max(0, attempt - 1))))
 
 
 def after_request_error(

@@ -8,6 +8,7 @@ translates httpx's errors into cascade's, once, at the edge.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -174,9 +175,10 @@ def _seconds(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None  # an HTTP-date Retry-After: fall back to our own backoff
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 class ProviderPool:

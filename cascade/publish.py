@@ -8,13 +8,13 @@ exchange used for plain queue routing is not).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
-
-from celery import Celery
-from kombu import Queue
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cascade.config import CascadeSettings
 from cascade.store import Stage
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = [
     "CALL_TASK",
@@ -56,6 +56,8 @@ class Publisher(Protocol):
 
 def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:  # Any: Celery's settings
     """The Celery settings every process (workers, producers, the sweeper) must share."""
+    from kombu import Queue  # imported here: the rest of the core imports this module without Celery
+
     transport: dict[str, Any] = {  # Any: kombu transport options
         "visibility_timeout": settings.visibility_timeout_s,
         # gevent workers never run kombu's restore sweep (CELERY-NOTES §1); the Postgres sweeper
@@ -93,6 +95,8 @@ class CeleryPublisher:
 
     @classmethod
     def connect(cls, settings: CascadeSettings, broker_url: str) -> CeleryPublisher:
+        from celery import Celery
+
         app = Celery("cascade-producer", set_as_current=False)
         app.conf.update(celery_config(settings, broker_url))
         return cls(app)

@@ -63,6 +63,12 @@ def _hex8(*parts: object) -> str:
     return _digest(*parts).hex()[:8]
 
 
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(map(str, err["loc"]))
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
 def _bucket(u: float, weights: Iterable[tuple[_T, float]]) -> _T | None:
     """The name whose cumulative-probability bucket holds ``u``, or None past the last one."""
     edge = 0.0
@@ -132,8 +138,7 @@ class SimConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(err["msg"], file=file, path=".".join(map(str, err["loc"])) or None) from None
+            raise ConfigError(_first_error(exc), file=file) from None
 
     def model(self, name: str) -> SimModel:
         """The behaviour of model ``name``."""
@@ -340,10 +345,7 @@ def load_recordings(path: str | Path) -> list[Recording]:
         try:
             rec = Recording.model_validate_json(line)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            raise ConfigError(f"{where}: {err['msg']}" if where else err["msg"], file=file, path=f"line {number}") \
-                from None
+            raise ConfigError(_first_error(exc), file=file, path=f"line {number}") from None
         if rec.id in seen:
             raise ConfigError(f"duplicate recording id {rec.id!r}", file=file, path=f"line {number}")
         seen.add(rec.id)
