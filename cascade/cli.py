@@ -78,14 +78,24 @@ def submit(
     if fmt not in (None, "jsonl", "csv"):
         err.print(f"error: --format must be jsonl or csv, not {fmt!r}")
         raise typer.Exit(2)
-    kind: Literal["jsonl", "csv"] = "csv" if fmt == "csv" or (fmt is None and file.endswith(".csv")) else "jsonl"
-    client = _client(config)
+    kind: Literal["jsonl", "csv"] = "csv" if fmt == "csv" or (fmt is None and file.lower().endswith(".csv")) \
+        else "jsonl"
 
     def run() -> Any:  # Any: SubmitResult
-        if file == "-":
-            from cascade import producer
+        from cascade import producer
+        from cascade.errors import ConfigError, InputError
 
+        client = _client(config)
+        try:
             snap = client.config.snapshot(task_type)
+        except ConfigError as exc:
+            if exc.file is not None:
+                raise
+            # An unknown task type: say which file was searched.
+            raise ConfigError(str(exc), file=str(client.settings.config), path="task_types") from None
+        if skip_invalid is not None and file != "-" and skip_invalid.resolve() == Path(file).resolve():
+            raise InputError("--skip-invalid must not name the input file", source=file)
+        if file == "-":
             rows = producer.read_rows(sys.stdin.buffer, kind, "<stdin>")
             return producer.submit_rows(client.engine, client.publisher, snap, rows, source="<stdin>",
                                         key_field=key_field, idempotency_key=idempotency_key,

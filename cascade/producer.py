@@ -1,8 +1,10 @@
 """Submit batches: stream rows, check them, insert the batch whole (COPY, one transaction), then publish.
 
-Rows are never all in memory: they are read, checked and copied into Postgres one at a time, and job
-ids are streamed back for publishing after the commit. Without ``skip_invalid`` the first bad row
-aborts the transaction, so nothing is inserted and nothing is published.
+Rows are never all in memory: each physical line is read with a size bound, checked and copied into
+Postgres one at a time, and job ids are streamed back for publishing after the commit. Readers yield a
+bad row as an ``InputError`` value (so ``--skip-invalid`` goes on with the next row) and raise only
+when the rest of the file cannot be trusted (a broken CSV quote). Without ``rejects_path`` the first
+bad row aborts the transaction: nothing is inserted and nothing is published.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 import uuid
+from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from psycopg.errors import UniqueViolation
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError
 
@@ -26,11 +31,20 @@ from cascade.errors import IdempotencyConflict, InputError
 from cascade.publish import Publisher
 from cascade.store import Stage
 
-__all__ = ["MAX_ROW_BYTES", "SubmitResult", "read_rows", "required_fields", "submit", "submit_rows"]
+__all__ = [
+    "MAX_ROW_BYTES",
+    "SubmitResult",
+    "publish_batch",
+    "read_rows",
+    "required_fields",
+    "submit",
+    "submit_rows",
+]
 
 MAX_ROW_BYTES = 1_000_000
 PUBLISH_CHUNK = 2000
 Row = dict[str, Any]  # Any: a user's row
+Parsed = tuple[int, Row | InputError]  # (line, the row or why it could not be read)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,14 @@ class SubmitResult:
     rows: int
     rejected: int
     created: bool  # False: the idempotency key named an existing batch with the same content
+
+
+class _Unreadable(InputError):
+    """A line that did not parse into a row; ``raw`` is its text (for the rejects file), if it fits."""
+
+    def __init__(self, message: str, *, source: str, line: int, raw: str | None = None) -> None:
+        super().__init__(message, source=source, line=line)
+        self.raw = raw
 
 
 def required_fields(snap: TaskSnapshot) -> list[str]:
@@ -56,80 +78,255 @@ def required_fields(snap: TaskSnapshot) -> list[str]:
     return fields
 
 
-def _jsonl(stream: IO[bytes], source: str) -> Iterator[tuple[int, Row]]:
-    for number, raw in enumerate(stream, start=1):
-        if len(raw) > MAX_ROW_BYTES:
-            raise InputError(f"row is {len(raw)} bytes, over the limit of {MAX_ROW_BYTES}", source=source, line=number)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not UTF-8 (byte {exc.start})", source=source, line=number) from None
-        line = line.lstrip("\ufeff") if number == 1 else line
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"malformed JSON: {exc.msg} at column {exc.colno}", source=source, line=number) from None
-        if not isinstance(row, dict):
-            raise InputError(f"expected a JSON object, got {type(row).__name__}", source=source, line=number)
-        yield number, row
+# --- reading -------------------------------------------------------------------------------------
 
 
-def _csv(stream: IO[bytes], source: str) -> Iterator[tuple[int, Row]]:
-    reader = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""))
+def _read_line(stream: IO[bytes]) -> tuple[bytes, int]:
+    """One physical line: its first MAX_ROW_BYTES + 1 bytes and its full size without the newline.
+
+    The rest of an over-long line is read in bounded chunks and dropped, so one huge line never
+    sits in memory whole.
+    """
+    head = stream.readline(MAX_ROW_BYTES + 1)
+    size, tail = len(head), head
+    while len(tail) == MAX_ROW_BYTES + 1 and not tail.endswith(b"\n"):
+        tail = stream.readline(MAX_ROW_BYTES + 1)
+        size += len(tail)
+    return head, size - tail.endswith(b"\n")
+
+
+def _too_big(size: int, source: str, line: int) -> _Unreadable:
+    return _Unreadable(f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", source=source, line=line)
+
+
+def _decode(raw: bytes, source: str, line: int) -> str | _Unreadable:
     try:
-        header = next(reader, None)
-        if header is None:
-            return
-        for record in reader:
-            if not any(record):
-                continue
-            if len(record) != len(header):
-                raise InputError(f"{len(record)} columns, the header has {len(header)} ({', '.join(header)})",
-                                 source=source, line=reader.line_num)
-            yield reader.line_num, dict(zip(header, record, strict=True))
+        decoded = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 (byte {exc.start})", source=source, line=reader.line_num + 1) from None
-    except csv.Error as exc:
-        raise InputError(f"malformed CSV: {exc}", source=source, line=reader.line_num) from None
+        return _Unreadable(f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}", source=source,
+                           line=line, raw=raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
+    # A UTF-8 byte order mark opens many exported files: accepted and dropped.
+    return decoded.removeprefix("\ufeff") if line == 1 else decoded
 
 
-def read_rows(stream: IO[bytes], fmt: Literal["jsonl", "csv"], source: str) -> Iterator[tuple[int, Row]]:
-    """Yield (line number, row) from a JSONL or CSV byte stream; InputError names source and line."""
+def _no_constant(name: str) -> Any:  # Any: json's parse_constant hook
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{literal} is out of range")
+    return value
+
+
+def _json_row(raw: bytes, source: str, line: int) -> Row | InputError | None:
+    """The row on one JSONL line, None for a blank line."""
+    decoded = _decode(raw, source, line)
+    if isinstance(decoded, InputError):
+        return decoded
+    if not decoded.strip():
+        return None
+    shown = decoded.rstrip("\r\n")
+    try:
+        row = json.loads(decoded, parse_constant=_no_constant, parse_float=_finite)
+    except json.JSONDecodeError as exc:
+        return _Unreadable(f"malformed JSON: {exc.msg} at column {exc.colno}", source=source, line=line, raw=shown)
+    except ValueError as exc:  # NaN, Infinity, 1e999, an integer of more than 4300 digits
+        return _Unreadable(f"malformed JSON: {exc}", source=source, line=line, raw=shown)
+    except RecursionError:
+        return _Unreadable("malformed JSON: nested too deeply", source=source, line=line, raw=shown)
+    if not isinstance(row, dict):
+        return _Unreadable(f"expected a JSON object, got {_kind(row)}", source=source, line=line, raw=shown)
+    return row
+
+
+def _jsonl(stream: IO[bytes], source: str) -> Iterator[Parsed]:
+    for number in itertools.count(1):
+        raw, size = _read_line(stream)
+        if not raw:
+            return
+        item = _too_big(size, source, number) if size > MAX_ROW_BYTES else _json_row(raw, source, number)
+        if item is not None:
+            yield number, item
+
+
+class _LineError(Exception):
+    """Raised by ``_CsvLines`` through csv.reader; ``_csv`` decides whether the row or the file is lost."""
+
+    def __init__(self, error: _Unreadable) -> None:
+        self.error = error
+
+
+class _CsvLines:
+    """The physical lines under csv.reader: decoded, with each record's bytes bounded."""
+
+    def __init__(self, stream: IO[bytes], source: str) -> None:
+        self.stream, self.source = stream, source
+        self.line = 0  # the last physical line read
+        self.start = 1  # the first physical line of the record being read
+        self.size = 0  # bytes of that record so far
+
+    def next_record(self) -> None:
+        self.start, self.size = self.line + 1, 0
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        raw, size = _read_line(self.stream)
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        self.size += size
+        if self.size > MAX_ROW_BYTES:
+            raise _LineError(_too_big(self.size, self.source, self.start))
+        decoded = _decode(raw, self.source, self.line)
+        if isinstance(decoded, _Unreadable):
+            raise _LineError(decoded)
+        return decoded
+
+
+def _csv_header(record: list[str], source: str) -> list[str]:
+    seen: set[str] = set()
+    for name in record:
+        if name in seen:
+            raise InputError(f'duplicate column "{name}" in the header', source=source, line=1, field=name)
+        seen.add(name)
+    return record
+
+
+def _csv_text(record: list[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(record)
+    return out.getvalue()
+
+
+def _csv(stream: IO[bytes], source: str) -> Iterator[Parsed]:
+    # Process-wide, but only ever raised: _CsvLines bounds a record to MAX_ROW_BYTES itself.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES + 1))
+    lines = _CsvLines(stream, source)
+    # strict: a stray or unclosed quote is an error, not a field that swallows the following rows.
+    reader = csv.reader(lines, strict=True)
+    header: list[str] | None = None
+    while True:
+        lines.next_record()
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except _LineError as exc:
+            if header is not None and lines.line == lines.start:
+                yield lines.start, exc.error
+                continue
+            if lines.line == lines.start:
+                raise exc.error from None
+            raise InputError(f"{exc.error.reason} (inside a quoted field opened on line {lines.start}: an unclosed "
+                             "quote? the rest of the file cannot be read)", source=source, line=lines.line) from None
+        except csv.Error as exc:
+            raise InputError(f"malformed CSV: {exc}", source=source, line=lines.start) from None
+        if header is None:
+            header = _csv_header(record, source)
+        elif len(record) != len(header):
+            yield lines.start, _Unreadable(f"{len(record)} columns, the header has {len(header)} "
+                                           f"({', '.join(header)})", source=source, line=lines.start,
+                                           raw=_csv_text(record))
+        elif any(record):
+            yield lines.start, dict(zip(header, record, strict=True))
+
+
+def read_rows(stream: IO[bytes], fmt: Literal["jsonl", "csv"], source: str) -> Iterator[Parsed]:
+    """Yield (line number, row) from a JSONL or CSV byte stream, line by line.
+
+    A row that cannot be read comes as an ``InputError`` (naming source and line) in place of the
+    row; an ``InputError`` is raised only when the rest of the stream cannot be read reliably.
+    """
     return _csv(stream, source) if fmt == "csv" else _jsonl(stream, source)
+
+
+# --- checking ------------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:  # Any: a JSON value
+    return {type(None): "null", dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
 
 
 def check_row(row: Row, line: int, source: str, fields: list[str], key_field: str | None, task: str) -> str:
     """Check one row against the task's template fields; return its key. Raises InputError."""
+    if not isinstance(row, dict):
+        raise InputError(f"expected an object, got {_kind(row)}", source=source, line=line)
     for name in fields:
         if name not in row:
             raise InputError(f'column "{name}" missing for task "{task}"', source=source, line=line, field=name)
         if not isinstance(row[name], str | int | float | bool):
-            kind = "null" if row[name] is None else type(row[name]).__name__
-            raise InputError(f'field "{name}" is {kind}; expected a string or number', source=source, line=line,
-                             field=name)
+            raise InputError(f'field "{name}" is {_kind(row[name])}; expected a string or number', source=source,
+                             line=line, field=name)
     if key_field is None:
         return str(line)
     value = row.get(key_field)
     if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
-        raise InputError(f'key field "{key_field}" missing or not a string/integer', source=source, line=line,
-                         field=key_field)
+        what = "missing or null" if value is None else "empty" if value == "" else _kind(value)
+        raise InputError(f'key field "{key_field}" is {what}; expected a string or integer', source=source,
+                         line=line, field=key_field)
     return str(value)
+
+
+# An escaped NUL that is not itself an escaped backslash followed by "u0000".
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _unstorable(data: str) -> str | None:
+    """Why Postgres' jsonb cannot store this JSON text, or None."""
+    if "\\u0000" in data and _NUL.search(data):
+        return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    try:
+        data.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode"
+    return None
+
+
+def _dumps(value: Any) -> str:  # Any: a row or one of its values
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def encode_row(row: Row, line: int, source: str) -> str:
+    """The row as the JSON text stored in ``jobs.input``. Raises InputError naming the field at fault."""
+    try:
+        data = _dumps(row)
+    except (TypeError, ValueError) as exc:  # rows given as dicts: a datetime, a NaN
+        raise InputError(f"not JSON-serializable: {exc}", source=source, line=line) from None
+    reason = _unstorable(data)
+    if reason:
+        bad = next((k for k, v in row.items() if _unstorable(_dumps({k: v}))), None)
+        raise InputError(f'field "{bad}" {reason}' if bad else f"row {reason}", source=source, line=line, field=bad)
+    size = len(data.encode("utf-8"))
+    if size > MAX_ROW_BYTES:
+        raise InputError(f"row is {size} bytes as JSON, over the limit of {MAX_ROW_BYTES}", source=source, line=line)
+    return data
 
 
 @dataclass
 class _Rejects:
+    """The rejects file: one JSON line per bad row. None: a bad row aborts the batch."""
+
     path: Path | None
     count: int = 0
     _file: IO[str] | None = None
 
-    def add(self, error: InputError, row: Row | None) -> None:
-        if self.path is None:
-            raise error
+    def open(self) -> None:
+        if self.path is not None:  # truncated up front: a rejects file from an earlier run must not linger
+            try:
+                self._file = self.path.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise InputError(f"cannot write rejects: {exc.strerror}", source=str(self.path)) from None
+
+    def add(self, error: InputError, row: Any) -> None:  # Any: the row as given, if it was read
         if self._file is None:
-            self._file = self.path.open("w", encoding="utf-8")
-        record = {"line": error.line, "field": error.field, "reason": error.reason, "row": row}
+            raise error
+        record = {"line": error.line, "field": error.field, "reason": error.reason}
+        raw = getattr(error, "raw", None)
+        record.update({"raw": raw} if row is None else {"row": row})
         self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self.count += 1
 
@@ -138,24 +335,50 @@ class _Rejects:
             self._file.close()
 
 
-def _good_rows(rows: Iterable[tuple[int, Row]], snap: TaskSnapshot, source: str, key_field: str | None,
-               rejects: _Rejects) -> Iterator[tuple[str, Row]]:
-    fields, task = required_fields(snap), snap.task_type.name
-    it = iter(rows)
-    while True:
-        try:
-            line, row = next(it)
-        except StopIteration:
-            return
-        except InputError as exc:  # a row that could not even be parsed: JSONL goes on, CSV stops
-            rejects.add(exc, None)
-            if not isinstance(rows, Iterator) or exc.line is None:
-                return
-            continue
-        try:
-            yield check_row(row, line, source, fields, key_field, task), row
-        except InputError as exc:
-            rejects.add(exc, row)
+@dataclass
+class _Accepted:
+    """The good rows of a stream as (key, JSON text); hashes them for the idempotency check on the way."""
+
+    rows: Iterable[tuple[int, Any]]  # Any: a row, or an InputError from read_rows
+    snap: TaskSnapshot
+    source: str
+    key_field: str | None
+    rejects: _Rejects
+    digest: Any = None  # Any: a hashlib object
+    lines: array[int] = field(default_factory=lambda: array("q"))  # source line of each accepted row
+
+    def __post_init__(self) -> None:
+        self.digest = hashlib.sha256(f"{self.snap.task_type.name}\0{self.snap.config_hash()}\0".encode())
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        fields, task = required_fields(self.snap), self.snap.task_type.name
+        for line, row in self.rows:
+            if isinstance(row, InputError):
+                self.rejects.add(row, None)
+                continue
+            try:
+                key = check_row(row, line, self.source, fields, self.key_field, task)
+                data = encode_row(row, line, self.source)
+            except InputError as exc:
+                self.rejects.add(exc, row)
+                continue
+            self.digest.update(key.encode() + b"\0" + data.encode() + b"\n")
+            if self.key_field is not None:  # only keyed rows can collide; 8 bytes a row names the duplicate's line
+                self.lines.append(line)
+            yield key, data
+
+    def duplicate(self, exc: UniqueViolation) -> InputError:
+        """The InputError for a COPY that failed on a duplicate key."""
+        match = _DUPLICATE.search(exc.diag.message_detail or "")
+        key = match.group(1) if match else "?"
+        copied = re.search(r"COPY jobs, line (\d+)", exc.diag.context or "")
+        index = int(copied.group(1)) - 1 if copied else -1
+        line = self.lines[index] if 0 <= index < len(self.lines) else None
+        return InputError(f'duplicate key "{key}" in field "{self.key_field}"', source=self.source, line=line,
+                          field=self.key_field)
+
+
+# --- inserting and publishing --------------------------------------------------------------------
 
 
 def _insert_batch(conn: Connection, batch_id: str, snap: TaskSnapshot, key: str | None, source: str) -> None:
@@ -169,15 +392,7 @@ def _insert_batch(conn: Connection, batch_id: str, snap: TaskSnapshot, key: str 
            "tin": top.input_per_mtok, "tout": top.output_per_mtok})
 
 
-def _encoded(rows: Iterator[tuple[str, Row]], digest: Any) -> Iterator[tuple[str, str]]:  # Any: hashlib
-    """(key, row JSON) for each row, fed into the batch's content hash on the way."""
-    for key, row in rows:
-        data = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-        digest.update(key.encode() + b"\0" + data.encode() + b"\n")
-        yield key, data
-
-
-def _copy_jobs(conn: Connection, batch_id: str, task: str, rows: Iterator[tuple[str, str]]) -> int:
+def _copy_jobs(conn: Connection, batch_id: str, task: str, rows: Iterable[tuple[str, str]]) -> int:
     count = 0
     raw = conn.connection.driver_connection
     assert raw is not None
@@ -197,11 +412,28 @@ def _existing(engine: Engine, key: str) -> tuple[str, str] | None:
     return (row.id, row.content_hash) if row else None
 
 
+def _insert(engine: Engine, batch_id: str, snap: TaskSnapshot, accepted: _Accepted,
+            idempotency_key: str | None) -> int:
+    """Insert the batch and its jobs in one transaction; returns the job count."""
+    with engine.begin() as conn:
+        _insert_batch(conn, batch_id, snap, idempotency_key, accepted.source)
+        try:
+            count = _copy_jobs(conn, batch_id, snap.task_type.name, accepted)
+        except UniqueViolation as exc:
+            raise accepted.duplicate(exc) from None
+        if count == 0:
+            rejected = f" ({accepted.rejects.count} rejected)" if accepted.rejects.count else ""
+            raise InputError(f"no rows to submit{rejected}", source=accepted.source)
+        conn.execute(text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id"),
+                     {"n": count, "h": accepted.digest.hexdigest(), "id": batch_id})
+    return count
+
+
 def submit_rows(
     engine: Engine,
     publisher: Publisher,
     snap: TaskSnapshot,
-    rows: Iterable[tuple[int, Row]],
+    rows: Iterable[tuple[int, Any]],  # Any: a row, or an InputError from read_rows
     *,
     source: str = "<rows>",
     key_field: str | None = None,
@@ -211,31 +443,22 @@ def submit_rows(
     """Insert a batch whole (or not at all), then publish its jobs to tier 1.
 
     Raises InputError (naming source, line and field) for a bad row unless ``rejects_path`` is given,
+    in which case bad rows are written there (line, field, reason, row) and the rest is submitted;
     IdempotencyConflict when the key names a batch with other content.
     """
     batch_id = uuid.uuid4().hex
-    digest = hashlib.sha256(f"{snap.task_type.name}\0{snap.config_hash()}\0".encode())
     rejects = _Rejects(rejects_path)
-    encoded = _encoded(_good_rows(rows, snap, source, key_field, rejects), digest)
+    accepted = _Accepted(rows, snap, source, key_field, rejects)
+    rejects.open()
     try:
         if idempotency_key and (found := _existing(engine, idempotency_key)):
-            return _same_batch(idempotency_key, found, encoded, digest, rejects)
+            return _same_batch(idempotency_key, found, accepted)
         try:
-            with engine.begin() as conn:
-                _insert_batch(conn, batch_id, snap, idempotency_key, source)
-                count = _copy_jobs(conn, batch_id, snap.task_type.name, encoded)
-                if count == 0:
-                    raise InputError("no rows to submit" + (f" ({rejects.count} rejected)" if rejects.count else ""),
-                                     source=source)
-                conn.execute(text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id"),
-                             {"n": count, "h": digest.hexdigest(), "id": batch_id})
+            count = _insert(engine, batch_id, snap, accepted, idempotency_key)
         except IntegrityError as exc:
             found = _existing(engine, idempotency_key) if idempotency_key else None
             if idempotency_key and found and "idempotency_key" in str(exc.orig):
-                return _same_batch(idempotency_key, found, encoded, digest, rejects)  # a concurrent twin won
-            match = _DUPLICATE.search(str(exc.orig))
-            if match:
-                raise InputError(f"duplicate key {match.group(1)!r}", source=source, field=key_field) from None
+                return _same_batch(idempotency_key, found, accepted)  # a concurrent twin won
             raise
     finally:
         rejects.close()
@@ -243,13 +466,12 @@ def submit_rows(
     return SubmitResult(batch_id, count, rejects.count, True)
 
 
-def _same_batch(key: str, found: tuple[str, str], encoded: Iterator[tuple[str, str]], digest: Any,
-                rejects: _Rejects) -> SubmitResult:  # Any: a hashlib object
+def _same_batch(key: str, found: tuple[str, str], accepted: _Accepted) -> SubmitResult:
     """The key names an existing batch: hash our rows without inserting them and compare."""
-    count = sum(1 for _ in encoded)
-    if found[1] != digest.hexdigest():
+    count = sum(1 for _ in accepted)
+    if found[1] != accepted.digest.hexdigest():
         raise IdempotencyConflict(key, found[0])
-    return SubmitResult(found[0], count, rejects.count, False)
+    return SubmitResult(found[0], count, accepted.rejects.count, False)
 
 
 def publish_batch(engine: Engine, publisher: Publisher, batch_id: str) -> int:

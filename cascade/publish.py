@@ -31,7 +31,6 @@ __all__ = [
 CALL_TASK = "cascade.call_model"
 VALIDATE_TASK = "cascade.validate"
 VALIDATE_QUEUE = "validate"
-#: Queues declared up front so Flower lists them before a worker consumes them.
 MAX_TIERS = 3
 
 Due = tuple[int, int, Stage]  # (job id, tier, stage)
@@ -67,6 +66,7 @@ def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:
     }
     if settings.key_prefix:
         transport["global_keyprefix"] = settings.key_prefix
+    # Every queue is declared up front: Flower lists task_queues until it has inspected a worker.
     queues = [*tier_queues(), VALIDATE_QUEUE]
     return {
         "broker_url": broker_url,

@@ -3,7 +3,9 @@
 Simulated mode answers from a hash of (seed, model, last user message, sample index), so every
 answer, wrong sample and fault is reproducible and predictable through ``SimConfig``. Replay mode
 (``cascade sim --replay FILE``) answers with recorded samples (DESIGN.md, "Evaluation on recorded
-answers"). Both serve ``/v1/chat/completions``, ``/health``, ``/v1/models`` and ``/stats``.
+answers"): a ``model#variant`` recording holds that variant's own samples, indexed from 0 by
+``X-Cascade-Variant-Sample`` (falling back to ``X-Cascade-Sample``), so one recording serves every
+mixture of variants whatever their order and sizes. Both serve ``/v1/chat/completions``, ``/health``, ``/v1/models`` and ``/stats``.
 """
 
 from __future__ import annotations
@@ -364,6 +366,7 @@ class _Request:
     model: str
     variant: str | None
     first: int
+    variant_first: int  # the first sample's index within its variant (replay indexes model#variant by it)
     n: int
     key: str
     prompt_tokens: int
@@ -395,14 +398,16 @@ def _parse(raw: bytes, headers: Message[str, str]) -> _Request:
         messages = body["messages"]
         texts = [(m.get("role"), _text(m.get("content"))) for m in messages]
         first, n = int(headers.get("X-Cascade-Sample") or 0), int(body.get("n") or 1)
+        variant_first = int(headers.get("X-Cascade-Variant-Sample") or first)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _HttpError(400, f"not a chat completion request: {exc!r}") from None
     model = headers.get("X-Cascade-Model") or body.get("model")
     users = [text for role, text in texts if role == "user"]
-    if not model or not users or n < 1 or first < 0:
+    if not model or not users or n < 1 or first < 0 or variant_first < 0:
         raise _HttpError(400, "a request needs a model, a user message, n >= 1 and X-Cascade-Sample >= 0")
     rf = body.get("response_format")
-    return _Request(model=str(model), variant=headers.get("X-Cascade-Variant") or None, first=first, n=n,
+    return _Request(model=str(model), variant=headers.get("X-Cascade-Variant") or None, first=first,
+                    variant_first=variant_first, n=n,
                     key=users[-1], prompt_tokens=1 + sum(len(t) for _, t in texts) // 4,
                     response_format=rf if isinstance(rf, dict) else None)
 
@@ -495,10 +500,11 @@ class _Sim:
         if resp is None:
             raise _HttpError(404, f"recording {rec.id!r} has no responses for model key {model_key!r} "
                                   f"(recorded: {', '.join(sorted(rec.responses)) or 'none'})")
-        samples = resp.samples[req.first: req.first + req.n]
+        first = req.variant_first if req.variant else req.first
+        samples = resp.samples[first: first + req.n]
         if not samples:
             raise _HttpError(404, f"recording {rec.id!r} has {len(resp.samples)} samples for {model_key!r}; "
-                                  f"sample {req.first} was asked for")
+                                  f"sample {first} was asked for")
         return _completion(req, [s.content for s in samples], "stop", prompt_tokens=resp.prompt_tokens,
                            completion_tokens=sum(s.completion_tokens for s in samples))
 

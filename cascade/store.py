@@ -187,7 +187,7 @@ def normalize_url(url: str) -> str:
 
 def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None) -> Engine:
     """An engine for ``url``; ``schema`` sets the search_path (tests give each run its own schema)."""
-    args: dict[str, Any] = {}  # Any: driver connect arguments
+    args: dict[str, Any] = {"application_name": f"cascade:{schema}" if schema else "cascade"}  # Any: driver args
     if schema:
         args["options"] = f"-csearch_path={schema}"
     return create_engine(

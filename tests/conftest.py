@@ -179,3 +179,80 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
+
+
+class OwnRedis:
+    """A Redis server owned by one test (to restart or flush it), on a unix socket, keeping nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+socket://{self.socket}"
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket))
+
+    def start(self) -> None:
+        from cascade.embedded import _redis_server_executable
+
+        self.proc = subprocess.Popen(
+            [str(_redis_server_executable()), "--port", "0", "--unixsocket", str(self.socket), "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 10, "the test's Redis to answer", poll=0.05)
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client().ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self, down_s: float = 0.5) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    directory = Path(tempfile.mkdtemp(prefix="cascade-redis-"))
+    server = OwnRedis(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sweeper(env: Env, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Factory: a real `cascade sweep --every` process for the test's schema (and broker, if overridden)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(every: float = 1.0, stalled_after: float = 2.0, **extra_env: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"sweeper{len(procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cascade.cli", "sweep", "--every", str(every), "--stalled-after", str(stalled_after)],
+            env=env.environ(**extra_env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -2,57 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from decimal import Decimal
-
 import httpx
 import pytest
 
-from cascade.client import Client
-from cascade.publish import CeleryPublisher
 from cascade.store import Stage
 from tests.conftest import wait_for
 from tests.integration import scenario
+from tests.integration.audit import audit as _audit
+from tests.integration.audit import client as _client
+from tests.integration.audit import cost_equals_tokens_times_price as _cost_equals_tokens_times_price
 
 pytestmark = pytest.mark.integration
-
-
-def _client(env, sim_url):
-    settings = env.settings()
-    return Client(settings, engine=env.engine, config=scenario.cascade_config(sim_url),
-                  publisher=CeleryPublisher.connect(settings, settings.broker_url))
-
-
-def _audit(env, client, batch_id, snap, sim_cfg, rows):
-    """Every row has one terminal job equal to the sim's prediction; one validation per tier reached;
-    no duplicate answers; costs add up."""
-    got = {r["key"]: r for r in client.results(batch_id)}
-    assert len(got) == len(rows)
-    for row in rows:
-        status, tier, output = scenario.predict(snap, sim_cfg, row)
-        job = got[row["id"]]
-        assert (job["status"], job["tier"]) == (status, tier), row
-        if status == "succeeded":
-            expected = json.loads(output) if snap.task_type.output == "json" else output
-            assert job["output"] == expected, row
-    assert env.scalar("""SELECT count(*) FROM jobs j WHERE batch_id = :b AND
-        (SELECT count(*) FROM validations v WHERE v.job_id = j.id) <> j.tier""", b=batch_id) == 0
-    assert env.scalar("""SELECT count(*) FROM validations v JOIN jobs j ON j.id = v.job_id
-        WHERE j.batch_id = :b AND v.tier > j.tier""", b=batch_id) == 0
-    assert env.scalar("""SELECT count(*) FROM (SELECT 1 FROM attempts a JOIN jobs j ON j.id = a.job_id
-        WHERE j.batch_id = :b AND a.error IS NULL GROUP BY a.job_id, a.tier, a.sample HAVING count(*) > 1) d""",
-                      b=batch_id) == 0
-    mismatched = env.scalar("""SELECT count(*) FROM jobs j WHERE batch_id = :b AND cost_usd <>
-        (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = j.id)""", b=batch_id)
-    assert mismatched == 0
-
-
-def _cost_equals_tokens_times_price(env):
-    for model, (pin, pout) in scenario.PRICES.items():
-        tokens_in, tokens_out, cost = env.rows(
-            "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), coalesce(sum(cost_usd),0) "
-            "FROM attempts WHERE model = :m", m=model)[0]
-        assert cost == (tokens_in * pin + tokens_out * pout) / Decimal(1_000_000), model
 
 
 def test_small_batch_end_to_end(env, sim, workers):
