@@ -106,7 +106,8 @@ def submit(
     result = _guard(run)
     verb = "submitted" if result.created else "already submitted (same idempotency key and rows)"
     err.print(f"{verb}: batch {result.batch_id}, {result.rows} rows"
-              + (f", {result.rejected} rejected → {skip_invalid}" if result.rejected else ""))
+              + (f", {result.rejected} rejected → {skip_invalid}" if result.rejected else ""),
+              markup=False, highlight=False, soft_wrap=True)
     typer.echo(result.batch_id)
 
 

@@ -318,6 +318,9 @@ class CascadeSettings(BaseSettings):
     lease_s: int = 300
     # Waits longer than this (Retry-After, backoff) go to Postgres (not_before) instead of sleeping.
     max_inline_wait_s: float = 5.0
+    # Celery beat's sweep (workers/app.py): how often, and how old a queued job's last publish must be.
+    sweep_every_s: float = 15.0
+    stalled_after_s: float = 120.0
     # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")

@@ -328,8 +328,9 @@ def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, sta
             settings = settings.model_copy(update={"database_url": settings.database_url or services.database_url,
                                                    "broker_url": settings.broker_url or services.broker_url})
             psql = services.psql_command
-        assert settings.database_url and settings.broker_url
-        engine = make_engine(settings.database_url, schema=settings.db_schema, pool_size=2)
+        database_url, broker_url = settings.database_url, settings.broker_url
+        assert database_url and broker_url
+        engine = make_engine(database_url, schema=settings.db_schema, pool_size=2)
         stack.callback(engine.dispose)
         upgrade(engine)
         sim = stack.enter_context(SimServer(recordings=recordings))
@@ -344,7 +345,7 @@ def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, sta
                    str(concurrency), "-Q", "tier1,tier2,tier3,validate", "--without-gossip", "--without-mingle",
                    "-l", "warning", "-n", f"eval-{os.getpid()}@%h"]
             worker = children.start(cmd, _worker_env(settings, settings.config), log)
-        publisher = CeleryPublisher.connect(settings, settings.broker_url)
+        publisher = CeleryPublisher.connect(settings, broker_url)
         stack.callback(publisher.close)
         yield Pipeline(engine, publisher, sim.url, settings, worker, log, psql)
 

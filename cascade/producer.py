@@ -178,7 +178,7 @@ class _CsvLines:
         if not raw:
             raise StopIteration
         self.line += 1
-        self.size += size
+        self.size += size + (self.line > self.start)  # the newlines inside a quoted field count too
         if self.size > MAX_ROW_BYTES:
             raise _LineError(_too_big(self.size, self.source, self.start))
         decoded = _decode(raw, self.source, self.line)
@@ -227,11 +227,13 @@ def _csv(stream: IO[bytes], source: str) -> Iterator[Parsed]:
             raise InputError(f"malformed CSV: {exc}", source=source, line=lines.start) from None
         if header is None:
             header = _csv_header(record, source)
+        elif not any(record):  # a blank line
+            continue
         elif len(record) != len(header):
             yield lines.start, _Unreadable(f"{len(record)} columns, the header has {len(header)} "
                                            f"({', '.join(header)})", source=source, line=lines.start,
                                            raw=_csv_text(record))
-        elif any(record):
+        else:
             yield lines.start, dict(zip(header, record, strict=True))
 
 

@@ -127,7 +127,8 @@ class ChatProvider:
                     chunks.append(chunk)
                     size += len(chunk)
                     if size > MAX_BODY_BYTES:
-                        break
+                        raise self._error(ProviderBadResponse, f"body larger than {MAX_BODY_BYTES} bytes",
+                                          response.status_code)
                 return response.status_code, b"".join(chunks), response.headers.get("retry-after")
         except httpx.TimeoutException as exc:
             raise self._error(ProviderTimeout, f"timed out after {self.config.timeout_s} s ({type(exc).__name__})") \
@@ -136,6 +137,8 @@ class ChatProvider:
             err = self._error(ProviderUnavailable, f"connection failed: {type(exc).__name__}")
             err.kind = "connection"
             raise err from exc
+        except httpx.HTTPError as exc:  # DecodingError (a bad Content-Encoding), StreamError, ...
+            raise self._error(ProviderBadResponse, f"unreadable response: {type(exc).__name__}") from exc
 
     def _raise_for_status(self, status: int, raw: bytes, retry_after: str | None) -> None:
         if status < 400:
@@ -156,11 +159,12 @@ class ChatProvider:
             return Completion(
                 contents=[_content(c) for c in choices],
                 finish_reasons=[c.get("finish_reason") for c in choices],
-                input_tokens=int(usage.get("prompt_tokens") or 0),
-                output_tokens=int(usage.get("completion_tokens") or 0),
+                input_tokens=max(0, int(usage.get("prompt_tokens") or 0)),
+                output_tokens=max(0, int(usage.get("completion_tokens") or 0)),
                 latency_ms=latency_ms,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # RecursionError: JSON nested too deep; OverflowError: int() of a huge float token count.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             what = "empty body" if not raw.strip() else f"not a chat completion ({type(exc).__name__})"
             raise self._error(ProviderBadResponse, what, 200) from exc
 

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALL_TASK",
+    "SWEEP_QUEUE",
+    "SWEEP_TASK",
     "VALIDATE_QUEUE",
     "VALIDATE_TASK",
     "CeleryPublisher",
     "Due",
     "Publisher",
+    "all_queues",
     "celery_config",
     "queue_for",
     "tier_queues",
@@ -31,6 +34,9 @@ __all__ = [
 CALL_TASK = "cascade.call_model"
 VALIDATE_TASK = "cascade.validate"
 VALIDATE_QUEUE = "validate"
+SWEEP_TASK = "cascade.sweep"
+#: Celery beat's periodic sweep runs here, never behind a backlog on the tier queues (CELERY-NOTES §7).
+SWEEP_QUEUE = "sweep"
 MAX_TIERS = 3
 
 Due = tuple[int, int, Stage]  # (job id, tier, stage)
@@ -38,6 +44,11 @@ Due = tuple[int, int, Stage]  # (job id, tier, stage)
 
 def tier_queues(count: int = MAX_TIERS) -> list[str]:
     return [f"tier{i}" for i in range(1, count + 1)]
+
+
+def all_queues() -> list[str]:
+    """Every queue cascade declares: tier1..tier3, validate and sweep."""
+    return [*tier_queues(), VALIDATE_QUEUE, SWEEP_QUEUE]
 
 
 def queue_for(tier: int, stage: Stage) -> str:
@@ -67,7 +78,7 @@ def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:
     if settings.key_prefix:
         transport["global_keyprefix"] = settings.key_prefix
     # Every queue is declared up front: Flower lists task_queues until it has inspected a worker.
-    queues = [*tier_queues(), VALIDATE_QUEUE]
+    queues = all_queues()
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport,

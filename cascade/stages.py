@@ -17,33 +17,48 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 from cascade import store, validate
-from cascade.config import CascadeSettings, ResolvedTier, TaskSnapshot, render
+from cascade.config import CascadeSettings, Length, ResolvedTier, TaskSnapshot, render
 from cascade.errors import ProviderError, ProviderRateLimited
 from cascade.policy import Action, RequestAction, after_request_error, after_verdict
 from cascade.providers import Completion, Message, ProviderPool
 from cascade.publish import Due, Publisher
+from cascade.ratelimit import UNLIMITED, RateLimiter, RedisRateLimiter, Reservation
 from cascade.store import Claim, JobStatus, Stage
 
 __all__ = ["Group", "StageContext", "judge", "plan_groups", "run_call", "run_validate"]
 
 log = logging.getLogger(__name__)
 
-#: Longest stored content of one sample; anything longer is cut (and fails a sane max_chars).
+#: Longest stored content of one sample. A longer answer is cut to ``min(this, max_chars + 1)`` chars
+#: and always fails as ``too_long`` (``judge`` never allows more than this minus one).
 MAX_STORED_CHARS = 1_000_000
+
+#: Failed requests of earlier claims of a tier (a deferred retry), per request group: retries and
+#: backoff continue where they stopped instead of starting over after every deferral.
+_FAILURES = text("""
+SELECT sample, n, error = 'rate_limited' AS limited, count(*) FROM attempts
+WHERE job_id = :id AND tier = :tier AND error IS NOT NULL AND error NOT IN ('in_flight', 'interrupted')
+GROUP BY 1, 2, 3
+""")
 
 
 @dataclass
 class StageContext:
-    """What stages need from the outside world; built once per worker process."""
+    """What stages need from the outside world; built once per worker process.
+
+    ``rate_limiter`` None means one on the broker's Redis (``settings.broker_url``), built on first use
+    by a model with ``rate_limit_rpm``; without a broker URL no rate limit is applied.
+    """
 
     engine: Engine
     publisher: Publisher
     providers: ProviderPool
     settings: CascadeSettings
     sleep: Callable[[float], None] = time.sleep
+    rate_limiter: RateLimiter | None = None
     _snapshots: OrderedDict[str, TaskSnapshot] = field(default_factory=OrderedDict)
 
     def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]]) -> TaskSnapshot:
@@ -55,6 +70,17 @@ class StageContext:
             if len(self._snapshots) > 256:
                 self._snapshots.popitem(last=False)
         return snap
+
+    def limiter(self) -> RateLimiter | None:
+        if self.rate_limiter is None and self.settings.broker_url:
+            self.rate_limiter = RedisRateLimiter.from_broker(self.settings.broker_url,
+                                                             key_prefix=self.settings.key_prefix)
+        return self.rate_limiter
+
+    @property
+    def limit_wait_s(self) -> float:
+        """Longest inline wait for a rate-limit slot; a job also comes back this long before its held slot."""
+        return max(0.5, self.settings.max_inline_wait_s)
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,17 @@ def _response_format(snap: TaskSnapshot) -> dict[str, Any] | None:  # Any: OpenA
 
 
 @dataclass
+class _Work:
+    """One group to run: its first attempt row (None: inserted after waiting for its rate-limit slot)."""
+
+    group: Group
+    attempt_id: int | None
+    wait_s: float = 0.0
+    limited: int = 0  # 429s of earlier claims
+    failed: int = 0  # other failures of earlier claims
+
+
+@dataclass
 class _Outcome:
     """What happened to one group after its retries."""
 
@@ -120,15 +157,57 @@ def run_call(ctx: StageContext, job_id: int, tier: int) -> bool:
         snap = ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
         resolved = snap.tier(tier)
         groups = plan_groups(resolved, held.input, store.prepare_attempts(conn, held))
-        ids = [store.start_attempt(conn, job_id, tier, resolved.model.name, g.variant, g.sample, g.n) for g in groups]
-    outcomes = _run_groups(ctx, snap, resolved, held, list(zip(groups, ids, strict=True)))
+        slots = _reserve(ctx, resolved, len(groups), hold=f"{job_id}:{tier}")
+        if not slots.granted:
+            return _defer_for_slot(ctx, conn, held, resolved, slots)
+        work = _plan_work(conn, held, resolved, groups, slots)
+    outcomes = _run_groups(ctx, snap, resolved, held, work)
     return _finish_call(ctx, snap, held, outcomes)
 
 
+def _plan_work(conn: Connection, held: Claim, tier: ResolvedTier, groups: list[Group],
+               slots: Reservation) -> list[_Work]:
+    """A group whose slot is now gets its attempt row in the claim's transaction; the others after waiting."""
+    failures: dict[tuple[int, int, bool], int] = {
+        (sample, n, limited): count for sample, n, limited, count in conn.execute(
+            _FAILURES, {"id": held.job_id, "tier": held.tier})}
+    work: list[_Work] = []
+    for i, g in enumerate(groups):
+        wait = slots.wait_s(i)
+        attempt_id = None if wait > 0 else store.start_attempt(conn, held.job_id, held.tier, tier.model.name,
+                                                                g.variant, g.sample, g.n)
+        work.append(_Work(g, attempt_id, wait, failures.get((g.sample, g.n, True), 0),
+                          failures.get((g.sample, g.n, False), 0)))
+    return work
+
+
+def _reserve(ctx: StageContext, tier: ResolvedTier, count: int, *, hold: str | None) -> Reservation:
+    """Slots for ``count`` requests under the model's ``rate_limit_rpm`` (shared by every worker)."""
+    rpm = tier.model.rate_limit_rpm
+    limiter = ctx.limiter() if rpm and count else None
+    if limiter is None or rpm is None:
+        return UNLIMITED
+    return limiter.reserve(tier.model.name, rpm, count=count, max_wait_s=ctx.limit_wait_s, hold=hold)
+
+
+def _limit_note(tier: ResolvedTier, slots: Reservation) -> str:
+    return (f"waiting for model {tier.model.name!r} (rate_limit_rpm {tier.model.rate_limit_rpm}): "
+            f"next slot in {slots.first_s:.1f} s")
+
+
+def _defer_for_slot(ctx: StageContext, conn: Connection, held: Claim, tier: ResolvedTier,
+                    slots: Reservation) -> bool:
+    """No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
+    little before its held slot (the sweeper re-publishes it) and waits the rest inline."""
+    delay = max(0.05, slots.first_s - ctx.limit_wait_s)
+    return store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.CALL, delay_s=delay,
+                      error=_limit_note(tier, slots))
+
+
 def _run_groups(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: Claim,
-                work: list[tuple[Group, int]]) -> list[_Outcome]:
-    def one(item: tuple[Group, int]) -> _Outcome:
-        return _run_group(ctx, snap, tier, held, *item)
+                work: list[_Work]) -> list[_Outcome]:
+    def one(item: _Work) -> _Outcome:
+        return _run_group(ctx, snap, tier, held, item)
 
     if len(work) <= 1:
         return [one(item) for item in work]
@@ -146,56 +225,109 @@ def _request(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, group: G
                              temperature=tier.temperature, response_format=_response_format(snap), headers=headers)
 
 
-def _run_group(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: Claim,
-               group: Group, attempt_id: int) -> _Outcome:
+def _start_attempt(ctx: StageContext, held: Claim, tier: ResolvedTier, group: Group) -> int:
+    with ctx.engine.begin() as conn:
+        return store.start_attempt(conn, held.job_id, held.tier, tier.model.name, group.variant, group.sample,
+                                   group.n)
+
+
+def _run_group(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: Claim, work: _Work) -> _Outcome:
+    """Send one group's request, retrying as the policy says; every request has its attempts row first."""
     out = _Outcome()
-    attempt = 1
+    attempt_id = work.attempt_id
+    if attempt_id is None:
+        ctx.sleep(work.wait_s)
+        attempt_id = _start_attempt(ctx, held, tier, work.group)
     while True:
         started = time.monotonic()
         try:
-            done = _request(ctx, snap, tier, group)
+            done = _request(ctx, snap, tier, work.group)
         except ProviderError as exc:
-            latency = int((time.monotonic() - started) * 1000)
-            step = after_request_error(
-                exc.kind, retryable=exc.kind != "bad_response" or exc.status == 200, attempt=attempt,
-                max_retries=tier.model.max_retries,
-                retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
-                max_inline_wait_s=ctx.settings.max_inline_wait_s)
-            out.rows.append(_failed_row(attempt_id, exc, latency))
-            if step.action is not RequestAction.RETRY:
-                out.defer_s = step.delay_s if step.action is RequestAction.DEFER else 0.0
-                out.error_kind, out.error_detail = exc.kind, str(exc)
+            out.rows.append(_failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
+            if not _retry(ctx, tier, work, exc, out):
                 return out
-            _commit_rows(ctx, out)
-            ctx.sleep(step.delay_s)
-            attempt += 1
-            with ctx.engine.begin() as conn:
-                attempt_id = store.start_attempt(conn, held.job_id, held.tier, tier.model.name, group.variant,
-                                                 group.sample, group.n)
+            attempt_id = _start_attempt(ctx, held, tier, work.group)
             continue
-        out.rows.append(_answer_row(attempt_id, tier, group, done))
+        out.rows.append(_answer_row(attempt_id, snap, tier, work.group, done))
         out.answered = True
         return out
 
 
+def _retry(ctx: StageContext, tier: ResolvedTier, work: _Work, exc: ProviderError, out: _Outcome) -> bool:
+    """After a failed request: True when it is to be sent again now (after the backoff and a rate-limit
+    slot); False when the group gave up or the job is to be deferred (``out`` says which)."""
+    limited = exc.kind == "rate_limited"
+    if limited:
+        work.limited += 1
+    else:
+        work.failed += 1
+    step = after_request_error(
+        exc.kind, retryable=exc.kind != "bad_response" or exc.status == 200,
+        attempt=work.limited if limited else work.failed, max_retries=tier.model.max_retries,
+        retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
+        max_inline_wait_s=ctx.settings.max_inline_wait_s)
+    out.error_kind, out.error_detail = exc.kind, _pg_text(str(exc))
+    if step.action is RequestAction.GIVE_UP:
+        return False
+    if step.action is RequestAction.DEFER:
+        out.defer_s = step.delay_s
+        return False
+    _commit_rows(ctx, out)  # a failed request is recorded before its retry goes out
+    ctx.sleep(step.delay_s)
+    slot = _reserve(ctx, tier, 1, hold=None)
+    if not slot.granted:
+        out.defer_s = max(0.05, slot.first_s - ctx.limit_wait_s)
+        out.error_detail = _limit_note(tier, slot)
+        return False
+    ctx.sleep(slot.wait_s(0))
+    out.error_kind, out.error_detail = None, ""
+    return True
+
+
 def _commit_rows(ctx: StageContext, out: _Outcome) -> None:
-    """A failed request is recorded before its retry goes out."""
     with ctx.engine.begin() as conn:
         store.end_attempts(conn, out.rows)
     out.rows.clear()
 
 
+def _pg_text(value: str) -> str:
+    """Text Postgres accepts: no NUL character, no lone surrogate (either one fails the whole transaction)."""
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "\ufffd")
+
+
+def _pg_json(value: Any) -> Any:  # Any: a parsed JSON value
+    """A JSON value jsonb accepts (strings and keys as in ``_pg_text``)."""
+    if isinstance(value, str):
+        return _pg_text(value)
+    if isinstance(value, list):
+        return [_pg_json(item) for item in value]
+    if isinstance(value, dict):
+        return {_pg_text(str(key)): _pg_json(item) for key, item in value.items()}
+    return value
+
+
 def _failed_row(attempt_id: int, exc: ProviderError, latency_ms: int) -> dict[str, Any]:  # Any: parameters
     return {"id": attempt_id, "latency_ms": latency_ms, "input_tokens": 0, "output_tokens": 0,
-            "cost_usd": Decimal(0), "error": exc.kind, "detail": str(exc)[:500], "response": None}
+            "cost_usd": Decimal(0), "error": exc.kind, "detail": _pg_text(str(exc)[:500]), "response": None}
 
 
-def _answer_row(attempt_id: int, tier: ResolvedTier, group: Group, done: Completion) -> dict[str, Any]:  # Any
-    contents = [c[:MAX_STORED_CHARS] if c is not None else None for c in done.contents[: group.n]]
+def _stored_cap(snap: TaskSnapshot) -> int:
+    return min(MAX_STORED_CHARS, snap.task_type.length.max_chars + 1)
+
+
+def _answer_row(attempt_id: int, snap: TaskSnapshot, tier: ResolvedTier, group: Group,
+                done: Completion) -> dict[str, Any]:  # Any: parameters
+    """The answered request's row. Contents longer than the cap are cut (they fail as too_long)."""
+    cap = _stored_cap(snap)
+    contents = [_pg_text(c[:cap]) if c is not None else None for c in done.contents[: group.n]]
+    cut = [f"sample {group.sample + i}: {len(c)} chars, stored {cap}"
+           for i, c in enumerate(done.contents[: group.n]) if c is not None and len(c) > cap]
     return {
         "id": attempt_id, "latency_ms": done.latency_ms, "input_tokens": done.input_tokens,
         "output_tokens": done.output_tokens, "cost_usd": tier.model.price.cost(done.input_tokens, done.output_tokens),
-        "error": None, "detail": None, "response": json.dumps(contents),
+        "error": None, "detail": "; ".join(cut)[:500] or None, "response": json.dumps(contents),
     }
 
 
@@ -208,9 +340,10 @@ def _finish_call(ctx: StageContext, snap: TaskSnapshot, held: Claim, outcomes: l
         store.end_attempts(conn, rows)
         if deferred:
             moved = store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.CALL,
-                               delay_s=deferred, error=next(o.error_detail for o in outcomes if o.defer_s))
+                               delay_s=deferred, error=next(o.error_detail for o in outcomes if o.defer_s)[:1000])
         elif gave_up and not store.answers(conn, held.job_id, held.tier):
-            verdict = validate.model_error(gave_up[0].error_kind or "error", gave_up[0].error_detail[:500])
+            verdict = validate.model_error(gave_up[0].error_kind or "error", gave_up[0].error_detail[:500],
+                                           samples=snap.tier(held.tier).samples)
             moved, due = _apply_verdict(conn, snap, held, verdict)
         else:
             moved = store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.VALIDATE)
@@ -241,27 +374,34 @@ def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None]) -> vali
     texts = [answers.get(i) for i in range(resolved.samples)]
     return validate.vote(
         texts, samples=resolved.samples, min_agreement=resolved.min_agreement, output=task.output,
-        schema=task.schema_, length=task.length, fields=task.self_consistency.fields,
+        schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields,
         accept_any=task.on_exhausted == "accept_last" and tier == snap.tier_count,
     )
+
+
+def _length(snap: TaskSnapshot) -> Length:
+    """The task's length limits, max_chars at most what is stored: a cut answer is never accepted."""
+    length = snap.task_type.length
+    cap = _stored_cap(snap)
+    return length if length.max_chars < cap else length.model_copy(update={"max_chars": cap - 1})
 
 
 def _apply_verdict(conn: Any, snap: TaskSnapshot, held: Claim, verdict: validate.Verdict) -> tuple[bool, list[Due]]:
     """Record the verdict and move the job as the policy says (same transaction)."""
     store.record_validation(conn, {
         "job_id": held.job_id, "tier": held.tier, "model": snap.tier(held.tier).model.name,
-        "passed": verdict.passed, "reasons": json.dumps([r.to_json() for r in verdict.reasons]),
+        "passed": verdict.passed, "reasons": json.dumps(_pg_json([r.to_json() for r in verdict.reasons])),
         "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
     })
     step = after_verdict(verdict.passed, held.tier, snap.tier_count)
     if step.action is Action.ACCEPT:
-        output = json.dumps(verdict.result)
+        output = json.dumps(_pg_json(verdict.result))
         moved = store.move(conn, held, status=JobStatus.SUCCEEDED, tier=held.tier, stage=Stage.VALIDATE,
                            output_json=output)
         return moved, []
     if step.action is Action.ESCALATE:
         moved = store.move(conn, held, status=JobStatus.QUEUED, tier=step.tier, stage=Stage.CALL)
         return moved, [(held.job_id, step.tier, Stage.CALL)]
-    error = "; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000]
+    error = _pg_text("; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000])
     return store.move(conn, held, status=JobStatus.FAILED, tier=held.tier, stage=Stage.VALIDATE, error=error), []
 

@@ -152,11 +152,11 @@ def workers(env: Env, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(queues: str = "tier1,tier2,tier3,validate", concurrency: int = 64, pool: str = "gevent",
-              **extra_env: str) -> WorkerProcess:
+              args: tuple[str, ...] = (), **extra_env: str) -> WorkerProcess:
         name = f"w{len(started)}-{env.schema}@%h"
         log = tmp_path / f"worker{len(started)}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", pool, "-c", str(concurrency),
-               "-Q", queues, "-n", name, "--without-gossip", "--without-mingle", "-l", "warning"]
+               "-Q", queues, "-n", name, "--without-gossip", "--without-mingle", "-l", "warning", *args]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, env=env.environ(**extra_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         worker = WorkerProcess(proc, log)

@@ -7,9 +7,10 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from cascade.providers import ProviderPool
-from cascade.publish import CALL_TASK, VALIDATE_TASK, CeleryPublisher
+from cascade.publish import CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
 from cascade.stages import StageContext, run_call, run_validate
 from cascade.store import make_engine
+from cascade.sweeper import sweep as sweep_once
 from workers.app import app, settings
 
 _context: StageContext | None = None
@@ -48,3 +49,9 @@ def call_model(job_id: int, tier: int) -> None:
 @app.task(name=VALIDATE_TASK, **RETRY)
 def validate(job_id: int, tier: int) -> None:
     run_validate(context(), job_id, tier)
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep() -> None:
+    ctx = context()
+    sweep_once(ctx.engine, ctx.publisher, stalled_after_s=settings.stalled_after_s)

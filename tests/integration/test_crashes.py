@@ -7,6 +7,8 @@ tier reached, no duplicate answer per (job, tier, sample), job costs equal to th
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ from sqlalchemy import text
 
 from cascade.sim import SimConfig, SimModel
 from cascade.store import make_engine
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.integration import scenario
 from tests.integration.audit import audit, cost_equals_tokens_times_price
 from tests.integration.audit import client as make_client
@@ -139,3 +141,37 @@ def test_postgres_connections_dropped_mid_stage(env, sim, workers, sweeper):
     assert killed > 0
     _run_to_end(env, client, batch, rows, sim_cfg)
     print(f"terminated {killed} Postgres connections")
+
+
+class _Dropped:
+    """A publisher whose messages are lost on the way (as in a broker flush right after the commit)."""
+
+    def publish(self, due) -> None:
+        pass
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {}
+
+
+def test_celery_beat_sweep_republishes_lost_messages(env, sim, workers, tmp_path):
+    # Given a batch whose every tier-1 message was lost
+    sim_cfg = scenario.sim_config(47)
+    client = make_client(env, sim(sim_cfg).url)
+    real = client.publisher
+    client._publisher = _Dropped()
+    rows = scenario.rows(50, "label")
+    batch = client.submit("label", rows, key_field="id").batch_id
+    client._publisher = real
+    # When Celery beat schedules the sweep (task cascade.sweep on queue `sweep`) for a worker that consumes it
+    beat_env = env.environ(CASCADE_SWEEP_EVERY_S="1", CASCADE_STALLED_AFTER_S="1")
+    workers(queues="tier1,tier2,tier3,validate,sweep", concurrency=32, CASCADE_STALLED_AFTER_S="1")
+    with (tmp_path / "beat.log").open("wb") as log:
+        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "beat", "-s",
+                                 str(tmp_path / "beat-schedule"), "-l", "warning"],
+                                env=beat_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Then the sweep re-publishes them from Postgres and the batch finishes as predicted
+        _run_to_end(env, client, batch, rows, sim_cfg, timeout=90)
+    finally:
+        beat.terminate()
+        beat.wait(10)

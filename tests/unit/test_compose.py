@@ -23,11 +23,11 @@ import yaml
 
 from cascade.cli import app as cli_app
 from cascade.config import CascadeSettings
-from cascade.publish import VALIDATE_QUEUE, tier_queues
+from cascade.publish import all_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-QUEUES = {*tier_queues(), VALIDATE_QUEUE}
+QUEUES = set(all_queues())
 SETTING = re.compile(r"\bCASCADE_[A-Z0-9_]+")
 REQUIRED_VAR = re.compile(r"^\$\{FLOWER_BASIC_AUTH:\?[^}]+\}$")
 SHARED_ENV = ("CASCADE_DATABASE_URL", "CASCADE_BROKER_URL", "CASCADE_CONFIG")

@@ -1,0 +1,301 @@
+"""Reproduce Table 5 of "LLM cascades with mixture of thoughts" (Yue et al., ICLR 2024) on DATE, through
+the real pipeline, then run the three-tier cascade the paper did not.
+
+    .venv/bin/python -m bench.eval_date [--data ../shared/data/mot-date] [--plot docs/evaluation.png] [--json]
+
+The shared DATE recordings (evaluation only; never copied into this repository) are converted at run time,
+into a temporary directory, to a `cascade sim --replay` file and a cascade.yaml with one task type per
+cascade. Every cascade then runs through `cascade.evaluation.evaluate` (what `cascade eval` runs: one batch
+per threshold and per tier alone, real Celery workers, Postgres), all batches submitted at once to one
+gevent worker. The paper's accounting (../shared/data/mot-date/README.md) is encoded in the recordings:
+
+- an answer is content ``{"answer": <value>}``, numbers as JSON numbers (18 and 18.0 vote together), a
+  null answer as ``{"answer": null}``, which fails the schema: it counts in k and never agrees;
+- a variant call reports prompt tokens (meta_prompts.json) + q_tokens once, and the sum of its samples'
+  out_tokens; prices per 1k tokens: gpt-3.5-turbo 0.0015/0.002, gpt-4 0.03/0.06, llama-2-13b 0.0002/0.0002;
+- tier 1 is gpt-3.5-turbo (one CoT prompt and run, 20 samples; or MoT: 7 CoT + 7 PoT samples voted
+  together), tier 2 gpt-4 cot1 sc3 with ``on_exhausted: accept_last`` (its majority, whatever its share).
+
+Relative cost is printed twice: against the paper's baseline (gpt-4 cot1 sc3 on every question, input at
+the mean of the cot1 and cot2 prompt lengths, computed from the data) and against the pipeline's own top
+tier alone (gpt-4 cot1 sc3 run as a batch, input at the cot1 prompt length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cascade import evaluation
+from cascade.config import load_config, load_settings
+from cascade.sim import load_recordings
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "mot-date"
+THRESHOLDS = [Decimal("0.4"), Decimal("0.6"), Decimal("0.8"), Decimal("1.0")]
+PRICES = {"gpt-3.5-turbo": ("1.5", "2"), "gpt-4": ("30", "60"), "llama-2-13b": ("0.2", "0.2")}  # USD per Mtok
+SCHEMA = {"type": "object", "required": ["answer"], "properties": {"answer": {"type": ["string", "number"]}}}
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+#: Table 5 (accuracy, relative cost).
+PAPER = {
+    "gpt-3.5 CoT SC": (0.677, 0.107), "gpt-4 CoT SC": (0.886, 1.000),
+    "CoT-1D-Vote τ=0.4": (0.737, 0.192), "CoT-1D-Vote τ=0.6": (0.779, 0.289),
+    "CoT-1D-Vote τ=0.8": (0.835, 0.425), "CoT-1D-Vote τ=1.0": (0.877, 0.657),
+    "MoT-1D-Vote τ=0.6": (0.881, 0.417),
+}
+
+COT = [(p, run) for p in ("cot1", "cot2") for run in "ab"]
+MOT = [(c, cr, p, pr) for c, p in (("cot1", "pot1"), ("cot2", "pot2")) for cr in "ab" for pr in "ab"]
+
+
+def encode(answer: str | None) -> str | int | float | None:
+    """An extracted answer as JSON: a number where the whole string is one, else the string unchanged."""
+    if answer is None or not NUMBER.fullmatch(answer):
+        return answer
+    return int(answer) if re.fullmatch(r"-?\d+", answer) else float(answer)
+
+
+def _block(row: dict[str, Any], model: str, prompt: str, run: str) -> dict[str, Any]:  # Any: a DATE row
+    return next(b for b in row["cheap"] + row["expensive"]
+                if (b["model"], b["prompt_id"], b["run"]) == (model, prompt, run))
+
+
+def _response(block: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:  # Any: JSON
+    samples = [{"content": json.dumps({"answer": encode(a)}), "completion_tokens": t}
+               for a, t in zip(block["answers"], block["out_tokens"], strict=False)]
+    return {"prompt_tokens": prompt_tokens, "samples": samples}
+
+
+def recording(row: dict[str, Any], prompt_tokens: dict[str, int]) -> dict[str, Any]:  # Any: JSON
+    """One replay line: the question, the gold answer and every model's samples under the keys cascades use."""
+    q = row["q_tokens"]
+    responses = {f"gpt-3.5-turbo#{p}-{run}": _response(_block(row, "gpt-3.5-turbo", p, run), prompt_tokens[p] + q)
+                 for p in ("cot1", "cot2", "pot1", "pot2") for run in "ab"}
+    responses |= {f"llama-2-13b#{p}-a": _response(_block(row, "llama-2-13b", p, "a"), prompt_tokens[p] + q)
+                  for p in ("cot1", "cot2")}
+    responses["gpt-4"] = _response(_block(row, "gpt-4", "cot1", "sc3"), prompt_tokens["cot1"] + q)
+    return {"id": row["id"], "input": {"question": row["question"]}, "gold": {"answer": encode(row["gold"])},
+            "responses": responses}
+
+
+def _variant(model: str, variants: Iterable[tuple[str, int]]) -> dict[str, Any]:  # Any: YAML
+    return {"model": model, "variants": [{"name": n, "prompt": "{question}", "samples": k} for n, k in variants]}
+
+
+def task_types() -> dict[str, list[Any]]:  # Any: tier specs (YAML)
+    """Tiers of every cascade, by task type name."""
+    top = {"model": "gpt-4", "samples": 3}
+    tasks: dict[str, list[Any]] = {}
+    for p, run in COT:
+        tasks[f"cot_{p}{run}"] = [_variant("gpt-3.5-turbo", [(f"{p}-{run}", 20)]), top]
+    for c, cr, p, pr in MOT:
+        tasks[f"mot_{c}{cr}_{p}{pr}"] = [_variant("gpt-3.5-turbo", [(f"{c}-{cr}", 7), (f"{p}-{pr}", 7)]), top]
+    for p, run in COT:
+        tasks[f"three_{p}{run}"] = [_variant("llama-2-13b", [(f"{p}-a", 20)]),
+                                    _variant("gpt-3.5-turbo", [(f"{p}-{run}", 20)]), top]
+    return tasks
+
+
+def cascade_yaml() -> dict[str, Any]:  # Any: YAML
+    models = [{"name": name, "base_url": "http://replay.invalid/v1", "model": name,
+               "price": {"input_per_mtok": i, "output_per_mtok": o}} for name, (i, o) in PRICES.items()]
+    tasks = [{"name": name, "prompt": "{question}", "output": "json", "schema": SCHEMA,
+              "self_consistency": {"samples": 1, "fields": ["answer"]}, "tiers": tiers,
+              "on_exhausted": "accept_last", "temperature": 0.4} for name, tiers in task_types().items()]
+    return {"models": models, "task_types": tasks}
+
+
+def convert(data: Path, out: Path, limit: int | None = None) -> tuple[Path, Path, Decimal]:
+    """Write recordings and cascade.yaml into ``out``; return their paths and the paper's baseline cost (USD)."""
+    meta = json.loads((data / "meta_prompts.json").read_text())
+    tokens = {k: v["tokens"] for k, v in meta["date_prompts"].items()}
+    rows = [json.loads(line) for line in (data / "date.jsonl").read_text().splitlines() if line.strip()][:limit]
+    recordings, config = out / "date.jsonl", out / "cascade.yaml"
+    recordings.write_text("".join(json.dumps(recording(r, tokens)) + "\n" for r in rows))
+    config.write_text(yaml.safe_dump(cascade_yaml(), sort_keys=False, allow_unicode=True))
+    mean_prompt = Decimal(tokens["cot1"] + tokens["cot2"]) / 2
+    baseline = sum(((mean_prompt + r["q_tokens"]) * Decimal("0.03")
+                    + sum(_block(r, "gpt-4", "cot1", "sc3")["out_tokens"]) * Decimal("0.06")) / 1000 for r in rows)
+    return recordings, config, Decimal(baseline)
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """The mean over several cascades of one run (same label)."""
+
+    name: str
+    accuracy: float
+    cost_usd: Decimal
+    relative_paper: float  # cost / the paper's baseline
+    relative_pipeline: float  # mean of relative_cost against the pipeline's top tier alone
+    escalation_rate: float
+    tier3_rate: float
+
+
+def mean_point(name: str, runs: list[evaluation.RunReport], baseline: Decimal) -> Point:
+    n = len(runs)
+    cost = sum((r.metrics.cost_usd for r in runs), Decimal(0)) / n
+    return Point(name, sum(r.metrics.accuracy for r in runs) / n, cost, float(cost / baseline),
+                 sum(r.metrics.relative_cost or 0.0 for r in runs) / n, sum(r.metrics.escalation_rate for r in runs) / n,
+                 sum(r.metrics.tier3_rate for r in runs) / n)
+
+
+def points(reports: list[evaluation.TaskReport], baseline: Decimal) -> list[Point]:
+    """The table's rows: each family of cascades averaged per threshold, and the tiers alone."""
+    def runs(prefix: str, pick: Any) -> list[evaluation.RunReport]:  # Any: a predicate on RunReport
+        return [r for rep in reports if rep.task_type.startswith(prefix) for r in rep.runs if pick(r)]
+
+    def at(t: Decimal) -> Any:  # Any: a predicate
+        return lambda r: r.plan.threshold == t
+
+    out = [mean_point("gpt-3.5 CoT SC", runs("cot_", lambda r: r.plan.tier == 1), baseline),
+           mean_point("gpt-4 CoT SC", runs("cot_", lambda r: r.plan.tier == 2), baseline)]
+    out += [mean_point(f"CoT-1D-Vote τ={t}", runs("cot_", at(t)), baseline) for t in THRESHOLDS]
+    out += [mean_point("gpt-3.5 MoT SC (7+7)", runs("mot_", lambda r: r.plan.tier == 1), baseline)]
+    out += [mean_point(f"MoT-1D-Vote τ={t}", runs("mot_", at(t)), baseline) for t in THRESHOLDS]
+    out += [mean_point("llama-2-13b CoT SC", runs("three_", lambda r: r.plan.tier == 1), baseline)]
+    out += [mean_point(f"3-tier llama→3.5→4 τ={t}", runs("three_", at(t)), baseline) for t in THRESHOLDS]
+    return out
+
+
+def frontier(two_tier: list[Point]) -> list[tuple[float, float]]:
+    """The upper-left envelope (relative cost, accuracy) of the two-tier points: cheaper or better than the rest."""
+    pts = sorted((p.relative_paper, p.accuracy) for p in two_tier)
+    out: list[tuple[float, float]] = []
+    for cost, acc in pts:
+        if not out or acc > out[-1][1]:
+            out.append((cost, acc))
+    return out
+
+
+def frontier_cost(front: list[tuple[float, float]], accuracy: float) -> float | None:
+    """The two-tier frontier's relative cost at ``accuracy`` (linear between its points); None above it."""
+    for (c0, a0), (c1, a1) in zip(front, front[1:], strict=False):
+        if a0 <= accuracy <= a1:
+            return c0 + (c1 - c0) * (accuracy - a0) / (a1 - a0) if a1 > a0 else c0
+    return front[0][0] if front and accuracy <= front[0][1] else None
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _d(value: float, paper: float | None) -> str:
+    return "" if paper is None else f"{value - paper:+.3f}"
+
+
+def table(pts: list[Point], front: list[tuple[float, float]]) -> Table:
+    t = Table(title="DATE (369 questions): paper Table 5 vs the cascade pipeline")
+    for col in ("run", "paper acc", "acc", "Δ", "paper rel", "rel", "Δ", "rel (pipeline top)", "escalation",
+                "tier3", "2-tier frontier rel at acc"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for p in pts:
+        paper = PAPER.get(p.name)
+        fc = frontier_cost(front, p.accuracy) if p.name.startswith("3-tier") else None
+        t.add_row(p.name, f"{paper[0]:.3f}" if paper else "", f"{p.accuracy:.3f}", _d(p.accuracy, paper and paper[0]),
+                  f"{paper[1]:.3f}" if paper else "", f"{p.relative_paper:.3f}",
+                  _d(p.relative_paper, paper and paper[1]), f"{p.relative_pipeline:.3f}",
+                  f"{p.escalation_rate:.3f}", f"{p.tier3_rate:.3f}",
+                  "" if not p.name.startswith("3-tier") else ("above" if fc is None else f"{fc:.3f}"))
+    return t
+
+
+def plot(pts: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series = [("CoT-1D-Vote", "C0"), ("MoT-1D-Vote", "C1"), ("3-tier llama→3.5→4", "C2")]
+    for prefix, color in series:
+        sel = [p for p in pts if p.name.startswith(prefix + " ")]
+        ax.plot([p.relative_paper for p in sel], [p.accuracy for p in sel], "o-", color=color,
+                label=f"{prefix} (pipeline, τ=0.4…1.0)")
+        for p in sel:
+            ax.annotate(p.name.rsplit(" ", 1)[1], (p.relative_paper, p.accuracy), textcoords="offset points",
+                        xytext=(5, -11), fontsize=7, color=color)
+    singles = [("gpt-3.5 CoT SC", "s", "C0"), ("gpt-3.5 MoT SC (7+7)", "s", "C1"), ("llama-2-13b CoT SC", "s", "C2"),
+               ("gpt-4 CoT SC", "*", "C3")]
+    for name, marker, color in singles:
+        p = next(q for q in pts if q.name == name)
+        ax.plot(p.relative_paper, p.accuracy, marker, color=color, markersize=12 if marker == "*" else 7,
+                label=f"{name} alone (pipeline)")
+    ax.plot([v[1] for v in PAPER.values()], [v[0] for v in PAPER.values()], "x", color="black", markersize=8,
+            label="paper, Table 5")
+    ax.set_xlabel("cost relative to gpt-4 CoT SC (the paper's baseline)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("DATE: cascades run through cascade eval (real workers, Postgres)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="cascade-date-") as tmp:
+        data, config, baseline = convert(args.data, Path(tmp), args.limit)
+        recordings = load_recordings(data)
+        settings = load_settings(config=config)
+        snaps = [load_config(config).snapshot(name) for name in task_types()]
+        err.print(f"converted {len(recordings)} questions into {tmp}; {len(snaps)} cascades × "
+                  f"({len(THRESHOLDS)} thresholds + tiers alone); same as:\n  cascade eval "
+                  f"{','.join(task_types())} {data} --thresholds {','.join(map(str, THRESHOLDS))} --json")
+        with evaluation.open_pipeline(settings, recordings, concurrency=args.concurrency) as pipe, \
+                Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=err) as bar:
+            task = bar.add_task("eval jobs", total=None)
+            reports = evaluation.evaluate(pipe, snaps, recordings, THRESHOLDS, dataset="DATE (converted)",
+                                          timeout=args.timeout,
+                                          on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+    if reports is None:
+        err.print("timeout")
+        return 3
+    pts = points(reports, baseline)
+    front = frontier([p for p in pts if not p.name.startswith(("3-tier", "llama"))])
+    if args.json:
+        print(json.dumps({"baseline_usd": str(baseline), "points": [
+            {**p.__dict__, "cost_usd": str(p.cost_usd), "paper": PAPER.get(p.name)} for p in pts]}))
+    else:
+        Console().print(table(pts, front))
+        Console().print(f"paper baseline {baseline:.4f} USD; pipeline top tier alone "
+                        f"{reports[0].top.metrics.cost_usd:.4f} USD; {time.monotonic() - started:.0f} s")
+    if args.plot:
+        plot(pts, args.plot)
+        err.print(f"plot written to {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="directory with date.jsonl and meta_prompts.json")
+    parser.add_argument("--plot", type=Path, help="write the cost/accuracy figure here")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--limit", type=int, help="only the first N questions (a smoke run)")
+    parser.add_argument("--concurrency", type=int, default=256, help="greenlets of the one worker")
+    parser.add_argument("--timeout", type=float, default=1800)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
