@@ -292,20 +292,28 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Leave the stack up for your own `cascade submit` until Ctrl-C.")]
     = False,
     data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the whole cascade on bundled rows: embedded Postgres and Redis, the sim, workers and Flower."""
     from cascade.stack import DEMO_DATA, run_stack
 
     started = time.monotonic()
     settings = load_settings(data_dir=data_dir)
-    with run_stack(settings, keep_services=True) as stack:
+    with run_stack(settings) as stack:
         err.print(f"Flower: {stack.flower_url} (basic auth {stack.flower_auth}); logs in {stack.log_dir}")
         client = Client(stack.settings.model_copy(update={"config": stack.config_path}))
         ids = [_guard(lambda t=task, f=file, k=key: client.submit(t, DEMO_DATA / f, key_field=k)).batch_id  # type: ignore[misc]
                for task, (file, key) in DEMO_BATCHES.items()]
         err.print(f"submitted {len(ids)} batches: {', '.join(ids)}")
         _tier_progress(client, ids)
-        _print_summary(client.stats(), stack.flower_url, stack.psql_command, time.monotonic() - started)
+        rows = client.stats()
+        # The run completed: leave Postgres up for the printed psql command (with --keep, Ctrl-C ends it all).
+        stack.keep_services = not keep
+        if as_json:
+            typer.echo(json.dumps({"stats": rows, "batches": ids, "flower": stack.flower_url,
+                                   "psql": stack.psql_command}, default=_json_default))
+        else:
+            _print_summary(rows, stack.flower_url, stack.psql_command, time.monotonic() - started)
         if keep:
             _stay_up(stack)
         client.close()

