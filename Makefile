@@ -2,15 +2,20 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-dev
+RUNTIME := $(VENV)/.installed
 
 .DEFAULT_GOAL := all
 .PHONY: all install format lint mypy test test-unit testcov demo bench migrate clean
 
-$(STAMP): pyproject.toml
+# The demo needs only the runtime dependencies; tests and linters add the dev extra.
+$(RUNTIME): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (set PY=...)"; exit 2; }
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	@touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
@@ -35,7 +40,7 @@ test-unit: $(STAMP)
 
 testcov: test
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/cascade demo
 
 bench: $(STAMP)
