@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -46,7 +47,8 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except CascadeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        # The message may hold user data (paths, keys, rows): escaped, never folded mid-word.
+        err.print("[red]error:[/red] " + escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -1,18 +1,14 @@
 """Submit batches: stream rows, check them, insert the batch whole (COPY, one transaction), then publish.
 
-Rows are never all in memory: each physical line is read with a size bound, checked and copied into
-Postgres one at a time, and job ids are streamed back for publishing after the commit. Readers yield a
-bad row as an ``InputError`` value (so ``--skip-invalid`` goes on with the next row) and raise only
-when the rest of the file cannot be trusted (a broken CSV quote). Without ``rejects_path`` the first
-bad row aborts the transaction: nothing is inserted and nothing is published.
+Rows are never all in memory: ``cascade.rows`` reads each physical line with a size bound, and each
+row is checked and copied into Postgres in turn; job ids are streamed back for publishing after the
+commit. Without ``rejects_path`` the first bad row aborts the transaction: nothing is inserted and
+nothing is published. With it, bad rows go to that file and the rest is submitted.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import itertools
 import json
 import re
 import uuid
@@ -29,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from cascade.config import CascadeConfig, TaskSnapshot, template_fields
 from cascade.errors import IdempotencyConflict, InputError
 from cascade.publish import Publisher
+from cascade.rows import MAX_ROW_BYTES, Row, UnreadableRow, encode_row, kind_of, read_rows
 from cascade.store import Stage
 
 __all__ = [
@@ -41,10 +38,7 @@ __all__ = [
     "submit_rows",
 ]
 
-MAX_ROW_BYTES = 1_000_000
 PUBLISH_CHUNK = 2000
-Row = dict[str, Any]  # Any: a user's row
-Parsed = tuple[int, Row | InputError]  # (line, the row or why it could not be read)
 
 
 @dataclass(frozen=True)
@@ -55,14 +49,6 @@ class SubmitResult:
     created: bool  # False: the idempotency key named an existing batch with the same content
 
 
-class _Unreadable(InputError):
-    """A line that did not parse into a row; ``raw`` is its text (for the rejects file), if it fits."""
-
-    def __init__(self, message: str, *, source: str, line: int, raw: str | None = None) -> None:
-        super().__init__(message, source=source, line=line)
-        self.raw = raw
-
-
 def required_fields(snap: TaskSnapshot) -> list[str]:
     """Every ``{field}`` the task's prompts (all tiers and variants) use."""
     task = snap.task_type
@@ -71,241 +57,34 @@ def required_fields(snap: TaskSnapshot) -> list[str]:
     texts += [v.system or "" for v in task.self_consistency.variants or []]
     for i in range(1, snap.tier_count + 1):
         tier = snap.tier(i)
-        texts += [tier.system, tier.prompt] + [v.prompt for v in tier.variants or []]
+        texts += [tier.system, tier.prompt] + [t for v in tier.variants or [] for t in (v.prompt, v.system or "")]
     fields: list[str] = []
     for t in texts:
         fields += [f for f in template_fields(t) if f not in fields]
     return fields
 
 
-# --- reading -------------------------------------------------------------------------------------
-
-
-def _read_line(stream: IO[bytes]) -> tuple[bytes, int]:
-    """One physical line: its first MAX_ROW_BYTES + 1 bytes and its full size without the newline.
-
-    The rest of an over-long line is read in bounded chunks and dropped, so one huge line never
-    sits in memory whole.
-    """
-    head = stream.readline(MAX_ROW_BYTES + 1)
-    size, tail = len(head), head
-    while len(tail) == MAX_ROW_BYTES + 1 and not tail.endswith(b"\n"):
-        tail = stream.readline(MAX_ROW_BYTES + 1)
-        size += len(tail)
-    return head, size - tail.endswith(b"\n")
-
-
-def _too_big(size: int, source: str, line: int) -> _Unreadable:
-    return _Unreadable(f"row is {size} bytes, over the limit of {MAX_ROW_BYTES}", source=source, line=line)
-
-
-def _decode(raw: bytes, source: str, line: int) -> str | _Unreadable:
-    try:
-        decoded = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return _Unreadable(f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}", source=source,
-                           line=line, raw=raw.decode("utf-8", "backslashreplace").rstrip("\r\n"))
-    # A UTF-8 byte order mark opens many exported files: accepted and dropped.
-    return decoded.removeprefix("\ufeff") if line == 1 else decoded
-
-
-def _no_constant(name: str) -> Any:  # Any: json's parse_constant hook
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(literal: str) -> float:
-    value = float(literal)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{literal} is out of range")
-    return value
-
-
-def _json_row(raw: bytes, source: str, line: int) -> Row | InputError | None:
-    """The row on one JSONL line, None for a blank line."""
-    decoded = _decode(raw, source, line)
-    if isinstance(decoded, InputError):
-        return decoded
-    if not decoded.strip():
-        return None
-    shown = decoded.rstrip("\r\n")
-    try:
-        row = json.loads(decoded, parse_constant=_no_constant, parse_float=_finite)
-    except json.JSONDecodeError as exc:
-        return _Unreadable(f"malformed JSON: {exc.msg} at column {exc.colno}", source=source, line=line, raw=shown)
-    except ValueError as exc:  # NaN, Infinity, 1e999, an integer of more than 4300 digits
-        return _Unreadable(f"malformed JSON: {exc}", source=source, line=line, raw=shown)
-    except RecursionError:
-        return _Unreadable("malformed JSON: nested too deeply", source=source, line=line, raw=shown)
-    if not isinstance(row, dict):
-        return _Unreadable(f"expected a JSON object, got {_kind(row)}", source=source, line=line, raw=shown)
-    return row
-
-
-def _jsonl(stream: IO[bytes], source: str) -> Iterator[Parsed]:
-    for number in itertools.count(1):
-        raw, size = _read_line(stream)
-        if not raw:
-            return
-        item = _too_big(size, source, number) if size > MAX_ROW_BYTES else _json_row(raw, source, number)
-        if item is not None:
-            yield number, item
-
-
-class _LineError(Exception):
-    """Raised by ``_CsvLines`` through csv.reader; ``_csv`` decides whether the row or the file is lost."""
-
-    def __init__(self, error: _Unreadable) -> None:
-        self.error = error
-
-
-class _CsvLines:
-    """The physical lines under csv.reader: decoded, with each record's bytes bounded."""
-
-    def __init__(self, stream: IO[bytes], source: str) -> None:
-        self.stream, self.source = stream, source
-        self.line = 0  # the last physical line read
-        self.start = 1  # the first physical line of the record being read
-        self.size = 0  # bytes of that record so far
-
-    def next_record(self) -> None:
-        self.start, self.size = self.line + 1, 0
-
-    def __iter__(self) -> _CsvLines:
-        return self
-
-    def __next__(self) -> str:
-        raw, size = _read_line(self.stream)
-        if not raw:
-            raise StopIteration
-        self.line += 1
-        self.size += size + (self.line > self.start)  # the newlines inside a quoted field count too
-        if self.size > MAX_ROW_BYTES:
-            raise _LineError(_too_big(self.size, self.source, self.start))
-        decoded = _decode(raw, self.source, self.line)
-        if isinstance(decoded, _Unreadable):
-            raise _LineError(decoded)
-        return decoded
-
-
-def _csv_header(record: list[str], source: str) -> list[str]:
-    seen: set[str] = set()
-    for name in record:
-        if name in seen:
-            raise InputError(f'duplicate column "{name}" in the header', source=source, line=1, field=name)
-        seen.add(name)
-    return record
-
-
-def _csv_text(record: list[str]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="").writerow(record)
-    return out.getvalue()
-
-
-def _csv(stream: IO[bytes], source: str) -> Iterator[Parsed]:
-    # Process-wide, but only ever raised: _CsvLines bounds a record to MAX_ROW_BYTES itself.
-    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES + 1))
-    lines = _CsvLines(stream, source)
-    # strict: a stray or unclosed quote is an error, not a field that swallows the following rows.
-    reader = csv.reader(lines, strict=True)
-    header: list[str] | None = None
-    while True:
-        lines.next_record()
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except _LineError as exc:
-            if header is not None and lines.line == lines.start:
-                yield lines.start, exc.error
-                continue
-            if lines.line == lines.start:
-                raise exc.error from None
-            raise InputError(f"{exc.error.reason} (inside a quoted field opened on line {lines.start}: an unclosed "
-                             "quote? the rest of the file cannot be read)", source=source, line=lines.line) from None
-        except csv.Error as exc:
-            raise InputError(f"malformed CSV: {exc}", source=source, line=lines.start) from None
-        if header is None:
-            header = _csv_header(record, source)
-        elif not any(record):  # a blank line
-            continue
-        elif len(record) != len(header):
-            yield lines.start, _Unreadable(f"{len(record)} columns, the header has {len(header)} "
-                                           f"({', '.join(header)})", source=source, line=lines.start,
-                                           raw=_csv_text(record))
-        else:
-            yield lines.start, dict(zip(header, record, strict=True))
-
-
-def read_rows(stream: IO[bytes], fmt: Literal["jsonl", "csv"], source: str) -> Iterator[Parsed]:
-    """Yield (line number, row) from a JSONL or CSV byte stream, line by line.
-
-    A row that cannot be read comes as an ``InputError`` (naming source and line) in place of the
-    row; an ``InputError`` is raised only when the rest of the stream cannot be read reliably.
-    """
-    return _csv(stream, source) if fmt == "csv" else _jsonl(stream, source)
-
-
 # --- checking ------------------------------------------------------------------------------------
-
-
-def _kind(value: Any) -> str:  # Any: a JSON value
-    return {type(None): "null", dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
 
 
 def check_row(row: Row, line: int, source: str, fields: list[str], key_field: str | None, task: str) -> str:
     """Check one row against the task's template fields; return its key. Raises InputError."""
     if not isinstance(row, dict):
-        raise InputError(f"expected an object, got {_kind(row)}", source=source, line=line)
+        raise InputError(f"expected an object, got {kind_of(row)}", source=source, line=line)
     for name in fields:
         if name not in row:
             raise InputError(f'column "{name}" missing for task "{task}"', source=source, line=line, field=name)
         if not isinstance(row[name], str | int | float | bool):
-            raise InputError(f'field "{name}" is {_kind(row[name])}; expected a string or number', source=source,
+            raise InputError(f'field "{name}" is {kind_of(row[name])}; expected a string or number', source=source,
                              line=line, field=name)
     if key_field is None:
         return str(line)
     value = row.get(key_field)
     if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
-        what = "missing or null" if value is None else "empty" if value == "" else _kind(value)
+        what = "missing or null" if value is None else "empty" if value == "" else kind_of(value)
         raise InputError(f'key field "{key_field}" is {what}; expected a string or integer', source=source,
                          line=line, field=key_field)
     return str(value)
-
-
-# An escaped NUL that is not itself an escaped backslash followed by "u0000".
-_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def _unstorable(data: str) -> str | None:
-    """Why Postgres' jsonb cannot store this JSON text, or None."""
-    if "\\u0000" in data and _NUL.search(data):
-        return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
-    try:
-        data.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode"
-    return None
-
-
-def _dumps(value: Any) -> str:  # Any: a row or one of its values
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-def encode_row(row: Row, line: int, source: str) -> str:
-    """The row as the JSON text stored in ``jobs.input``. Raises InputError naming the field at fault."""
-    try:
-        data = _dumps(row)
-    except (TypeError, ValueError) as exc:  # rows given as dicts: a datetime, a NaN
-        raise InputError(f"not JSON-serializable: {exc}", source=source, line=line) from None
-    reason = _unstorable(data)
-    if reason:
-        bad = next((k for k, v in row.items() if _unstorable(_dumps({k: v}))), None)
-        raise InputError(f'field "{bad}" {reason}' if bad else f"row {reason}", source=source, line=line, field=bad)
-    size = len(data.encode("utf-8"))
-    if size > MAX_ROW_BYTES:
-        raise InputError(f"row is {size} bytes as JSON, over the limit of {MAX_ROW_BYTES}", source=source, line=line)
-    return data
 
 
 @dataclass
@@ -319,7 +98,8 @@ class _Rejects:
     def open(self) -> None:
         if self.path is not None:  # truncated up front: a rejects file from an earlier run must not linger
             try:
-                self._file = self.path.open("w", encoding="utf-8")
+                # backslashreplace: a rejected row may hold a lone surrogate, which UTF-8 cannot encode
+                self._file = self.path.open("w", encoding="utf-8", errors="backslashreplace")
             except OSError as exc:
                 raise InputError(f"cannot write rejects: {exc.strerror}", source=str(self.path)) from None
 
@@ -327,7 +107,7 @@ class _Rejects:
         if self._file is None:
             raise error
         record = {"line": error.line, "field": error.field, "reason": error.reason}
-        raw = getattr(error, "raw", None)
+        raw = error.raw if isinstance(error, UnreadableRow) else None
         record.update({"raw": raw} if row is None else {"row": row})
         self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self.count += 1
@@ -360,11 +140,11 @@ class _Accepted:
                 continue
             try:
                 key = check_row(row, line, self.source, fields, self.key_field, task)
-                data = encode_row(row, line, self.source)
+                data, encoded = encode_row(row, line, self.source)
             except InputError as exc:
                 self.rejects.add(exc, row)
                 continue
-            self.digest.update(key.encode() + b"\0" + data.encode() + b"\n")
+            self.digest.update(key.encode() + b"\0" + encoded + b"\n")
             if self.key_field is not None:  # only keyed rows can collide; 8 bytes a row names the duplicate's line
                 self.lines.append(line)
             yield key, data

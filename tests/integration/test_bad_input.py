@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import yaml
@@ -45,8 +44,8 @@ def cli(env, sim_url, tmp_path):
     def run(*args: str, input: bytes | None = None, config: str | None = None) -> subprocess.CompletedProcess[str]:
         path = tmp_path / "cascade.yaml"
         path.write_text(config if config is not None else CONFIG.format(url=sim_url, tier2="large"))
-        proc = subprocess.run([sys.executable, "-m", "cascade.cli", "submit", *args], input=input,
-                              env=env.environ(CASCADE_CONFIG=str(path)), cwd=tmp_path, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "cascade.cli", "submit", *args], input=input, check=False,
+                              env=env.environ(CASCADE_CONFIG=path.name), cwd=tmp_path, capture_output=True,
                               timeout=60)
         return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
                                            proc.stderr.decode(errors="replace"))
@@ -123,6 +122,15 @@ def test_bad_rows_reject_the_batch_whole(env, cli, tmp_path, case):
     assert_rejected_whole(env, proc, *fragments)
 
 
+def test_message_is_printed_verbatim(env, cli, tmp_path):
+    # Given a duplicate key that looks like rich markup and is longer than a terminal line
+    key = "[/]" + "k" * 100
+    (tmp_path / "rows.jsonl").write_bytes(_jsonl({"id": key, "text": "a"}, {"id": key, "text": "b"}))
+    proc = cli("classify", "rows.jsonl", "--key-field", "id")
+    assert_rejected_whole(env, proc)
+    assert f'rows.jsonl:2: duplicate key "{key}" in field "id"' in proc.stderr
+
+
 # The same checks in-process (the CLI adds nothing the cases above do not cover): (file, content, message).
 MORE_BAD_ROWS = {
     "not_an_object": ("rows.jsonl", _jsonl(GOOD[0], b'["b", "vpn"]'), "rows.jsonl:2: expected a JSON object, got an array"),
@@ -141,8 +149,8 @@ MORE_BAD_ROWS = {
     "csv_not_utf8": ("rows.csv", b"id,text\na,caf\xe9\n", "rows.csv:2: not UTF-8: byte 0xe9 at column 6"),
     "csv_header_only": ("rows.csv", "\ufeffid,text\n".encode(), "rows.csv: no rows to submit"),
     "csv_quoted_too_big": ("rows.csv", b'id,text\na,"' + b"y\n" * (BIG // 2) + b'"\n',
-                           "rows.csv:500001: row is 1000002 bytes, over the limit of 1000000 (inside a quoted field "
-                           "opened on line 2: an unclosed quote? the rest of the file cannot be read)"),
+                           ("rows.csv:500001: row is 1000002 bytes, over the limit of 1000000 (inside a quoted field "
+                            "opened on line 2: an unclosed quote? the rest of the file cannot be read)")),
     "no_file": ("missing.jsonl", None, "missing.jsonl: cannot read: No such file or directory"),
 }
 
@@ -166,6 +174,21 @@ def test_more_bad_rows_in_process(env, client, tmp_path, case):
     assert str(caught.value).removeprefix(str(tmp_path) + "/").startswith(message), str(caught.value)
     assert env.scalar("SELECT count(*) FROM batches") + env.scalar("SELECT count(*) FROM jobs") == 0
     assert set(_queues(env).values()) == {0}
+
+
+def test_fields_of_a_tier_variant_are_required(env, sim_url):
+    # Given a tier whose variant's system prompt uses a field no other template uses
+    data = yaml.safe_load(CONFIG.format(url=sim_url, tier2="large"))
+    data["task_types"][0]["tiers"][1] = {"model": "large", "variants": [
+        {"name": "plain", "prompt": "{text}"}, {"name": "local", "prompt": "{text}", "system": "Answer in {lang}."}]}
+    settings = env.settings()
+    publisher = CeleryPublisher.connect(settings, settings.broker_url)
+    client = Client(settings, engine=env.engine, publisher=publisher, config=parse_config(data, "cascade.yaml"))
+    # When a row without that field is submitted, then it is refused before a worker fails to render it
+    with pytest.raises(InputError, match='<rows>:1: column "lang" missing for task "classify"'):
+        client.submit("classify", [{"id": 1, "text": "a"}])
+    client.submit("classify", [{"id": 1, "text": "a", "lang": "fr"}])
+    publisher.close()
 
 
 BAD_CONFIGS = {
