@@ -5,7 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Action", "NextStep", "RequestAction", "RequestStep", "after_request_error", "after_verdict", "backoff"]
+__all__ = [
+    "Action",
+    "NextStep",
+    "RequestAction",
+    "RequestStep",
+    "after_request_error",
+    "after_verdict",
+    "backoff",
+    "is_retryable",
+]
 
 
 class Action(enum.StrEnum):
@@ -59,6 +68,14 @@ RATE_LIMIT_PATIENCE = 10
 RETRYABLE = frozenset({"timeout", "unavailable", "connection", "rate_limited", "bad_response"})
 
 
+def is_retryable(kind: str, status: int | None) -> bool:
+    """Whether a failed request is worth sending again: not a 4xx (our request is wrong; 429 aside),
+    but a broken 200 body (empty, not JSON, cut off) may be a passing fault."""
+    if kind == "bad_response":
+        return status == 200
+    return kind in RETRYABLE
+
+
 def backoff(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Exponential backoff for the ``attempt``-th retry (1-based): base × 2^(attempt-1), capped."""
     return float(min(cap_s, base_s * 2.0 ** min(64, max(0, attempt - 1))))
@@ -73,8 +90,10 @@ def after_request_error(
     retry_after_s: float | None,
     max_inline_wait_s: float,
 ) -> RequestStep:
-    """Decide after the ``attempt``-th failed request (1-based) of one sample group.
+    """Decide after a failed request of one sample group.
 
+    ``attempt`` (1-based) counts the group's failures of the same sort so far — 429s, or every
+    other error — across deferrals too, so retries and backoff go on where they stopped.
     Rate limits never exhaust the retries: a 429 means "later", not "broken"; a long wait is
     deferred to Postgres so the worker slot is freed (CELERY-NOTES §1: no long countdowns).
     """

@@ -70,6 +70,7 @@ class ChatProvider:
 
     def __init__(self, config: ModelConfig, *, transport: httpx.BaseTransport | None = None) -> None:
         self.config = config
+        self._secret: str | None = None
         headers = {"Content-Type": "application/json"}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -77,6 +78,7 @@ class ChatProvider:
                 raise ConfigError(f"environment variable {config.api_key_env} is not set",
                                   path=f"models[{config.name}].api_key_env")
             headers["Authorization"] = f"Bearer {key}"
+            self._secret = key
         self._url = config.base_url.rstrip("/") + "/chat/completions"
         self._client = httpx.Client(
             transport=transport,
@@ -144,6 +146,9 @@ class ChatProvider:
         if status < 400:
             return
         detail = raw[:200].decode("utf-8", "replace")
+        if self._secret:
+            # A gateway may quote the key back (401 bodies do): it must never reach attempts or jobs.error.
+            detail = detail.replace(self._secret, "***")
         if status == 429:
             raise ProviderRateLimited(f"HTTP 429: {detail}", retry_after=_seconds(retry_after),
                                       model=self.config.name, url=self._url, status=status)

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import redis
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
-__all__ = ["RateLimiter", "RedisRateLimiter", "Reservation", "burst_of", "redis_url"]
+__all__ = ["UNLIMITED", "RateLimiter", "RedisRateLimiter", "Reservation", "burst_of", "redis_url"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def redis_url(broker_url: str) -> str:
 
     ``redis+socket:///path/redis.sock?virtual_host=N`` becomes ``unix:///path/redis.sock?db=N``; for
     ``redis://`` and ``rediss://`` the database is the path (or ``virtual_host``). Query options that
-    redis-py does not know (kombu's transport options) are dropped.
+    redis-py does not know (kombu's transport options) are dropped; ``ssl_*`` ones are kept.
 
     Raises:
         ValueError: the URL is not a Redis URL.
@@ -112,7 +112,7 @@ def redis_url(broker_url: str) -> str:
     parts = urlsplit(broker_url)
     query = dict(parse_qsl(parts.query))
     db = query.pop("virtual_host", None) or query.pop("db", None)
-    kept = {k: v for k, v in query.items() if k in URL_QUERY_ARGUMENT_PARSERS}
+    kept = {k: v for k, v in query.items() if k in URL_QUERY_ARGUMENT_PARSERS or k.startswith("ssl_")}
     if parts.scheme in ("redis+socket", "socket", "unix"):
         netloc = parts.netloc.rpartition("@")[0]
         auth = f"{netloc}@" if netloc else ""

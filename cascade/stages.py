@@ -21,8 +21,8 @@ from sqlalchemy import Connection, Engine, text
 
 from cascade import store, validate
 from cascade.config import CascadeSettings, Length, ResolvedTier, TaskSnapshot, render
-from cascade.errors import ProviderError, ProviderRateLimited
-from cascade.policy import Action, RequestAction, after_request_error, after_verdict
+from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
+from cascade.policy import Action, RequestAction, after_request_error, after_verdict, is_retryable
 from cascade.providers import Completion, Message, ProviderPool
 from cascade.publish import Due, Publisher
 from cascade.ratelimit import UNLIMITED, RateLimiter, RedisRateLimiter, Reservation
@@ -72,6 +72,7 @@ class StageContext:
         return snap
 
     def limiter(self) -> RateLimiter | None:
+        """The process's rate limiter (see the class docstring); None when there is no broker to share."""
         if self.rate_limiter is None and self.settings.broker_url:
             self.rate_limiter = RedisRateLimiter.from_broker(self.settings.broker_url,
                                                              key_prefix=self.settings.key_prefix)
@@ -156,13 +157,31 @@ def run_call(ctx: StageContext, job_id: int, tier: int) -> bool:
             return False
         snap = ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
         resolved = snap.tier(tier)
-        groups = plan_groups(resolved, held.input, store.prepare_attempts(conn, held))
-        slots = _reserve(ctx, resolved, len(groups), hold=f"{job_id}:{tier}")
-        if not slots.granted:
-            return _defer_for_slot(ctx, conn, held, resolved, slots)
-        work = _plan_work(conn, held, resolved, groups, slots)
+        unusable = _unusable_model(ctx, resolved)
+        if unusable is not None:
+            moved, due = _apply_verdict(conn, snap, held, unusable)
+        else:
+            groups = plan_groups(resolved, held.input, store.prepare_attempts(conn, held))
+            slots = _reserve(ctx, resolved, len(groups), hold=f"{job_id}:{tier}")
+            if not slots.granted:
+                return _defer_for_slot(ctx, conn, held, resolved, slots)
+            work = _plan_work(conn, held, resolved, groups, slots)
+    if unusable is not None:
+        if moved:
+            ctx.publisher.publish(due)
+        return moved
     outcomes = _run_groups(ctx, snap, resolved, held, work)
     return _finish_call(ctx, snap, held, outcomes)
+
+
+def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> validate.Verdict | None:
+    """A model this worker cannot call (its API key variable is unset) is a model error the policy decides,
+    not a job left running until its lease expires."""
+    try:
+        ctx.providers.get(tier.model)
+    except ConfigError as exc:
+        return validate.model_error("config", str(exc), samples=tier.samples)
+    return None
 
 
 def _plan_work(conn: Connection, held: Claim, tier: ResolvedTier, groups: list[Group],
@@ -268,7 +287,7 @@ def _retry(ctx: StageContext, tier: ResolvedTier, work: _Work, exc: ProviderErro
     else:
         work.failed += 1
     step = after_request_error(
-        exc.kind, retryable=exc.kind != "bad_response" or exc.status == 200,
+        exc.kind, retryable=is_retryable(exc.kind, exc.status),
         attempt=work.limited if limited else work.failed, max_retries=tier.model.max_retries,
         retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
         max_inline_wait_s=ctx.settings.max_inline_wait_s)

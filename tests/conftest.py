@@ -165,6 +165,9 @@ def workers(env: Env, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         return worker
 
     yield start
+    for worker in started:  # all at once: each gevent worker takes seconds to shut down
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
     for worker in started:
         worker.stop()
     for worker in started:

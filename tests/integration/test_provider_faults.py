@@ -8,6 +8,7 @@ escalation reason is derived from the sim's seeded draws and the retry policy, t
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -16,14 +17,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 
 from cascade.client import Client
 from cascade.config import CascadeConfig, Length, ResolvedTier, TaskSnapshot, parse_config, render
 from cascade.policy import RequestAction, after_request_error
+from cascade.providers import ProviderPool
 from cascade.publish import CeleryPublisher
 from cascade.sim import SimConfig, SimModel
-from cascade.stages import judge
+from cascade.stages import StageContext, judge, run_call, run_validate
 from cascade.sweeper import sweep
 from tests.integration import scenario
 
@@ -34,24 +37,24 @@ ERROR_KINDS = {"429": "rate_limited", "500": "unavailable", "timeout": "timeout"
                "empty_body": "bad_response", "non_json_body": "bad_response"}
 HUGE_CHARS = 5 * 1024 * 1024
 MAX_INLINE_WAIT_S = 1.0  # CASCADE_MAX_INLINE_WAIT_S in the tests' environment
-FAULTY = {"timeout_s": 1, "max_retries": 2}  # the faulty tier-1 models: short timeout, few retries
-
-#: id → (tier-1 sim model's faults, rows). Each is a task type whose tier 1 is model "f-<id>".
-FAULTS: dict[str, tuple[dict[str, Any], int]] = {
-    "http-5xx": ({"p_500": 1.0}, 8),
-    "http-5xx-half": ({"p_500": 0.5}, 12),
-    "read-timeout": ({"p_timeout": 1.0, "hang_s": 3}, 6),
-    "connection-drop": ({"p_drop": 1.0}, 8),
-    "empty-body": ({"p_empty_body": 1.0}, 8),
-    "non-json-body": ({"p_non_json_body": 1.0}, 8),
-    "garbage": ({"p_garbage": 1.0}, 8),
-    "truncated": ({"p_truncated": 1.0}, 8),
-    "huge": ({"p_huge": 1.0}, 4),
-    "429-no-retry-after": ({"p_429": 0.5, "retry_after_s": None}, 12),
-    "429-retry-after": ({"p_429": 0.4, "retry_after_s": 3}, 12),
-    "mixed": ({"p_429": 0.08, "retry_after_s": 0.5, "p_500": 0.08, "p_timeout": 0.04, "hang_s": 3, "p_drop": 0.08,
+#: id → (tier-1 sim model's faults, rows, model settings). Each is a task type whose tier 1 is model "f-<id>",
+#: retried twice. Only models that time out on purpose get a short timeout_s: a normal answer slowed down
+#: by a busy test machine must not time out.
+FAULTS: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
+    "http-5xx": ({"p_500": 1.0}, 8, {}),
+    "http-5xx-half": ({"p_500": 0.5}, 12, {}),
+    "read-timeout": ({"p_timeout": 1.0, "hang_s": 3}, 6, {"timeout_s": 1}),
+    "connection-drop": ({"p_drop": 1.0}, 8, {}),
+    "empty-body": ({"p_empty_body": 1.0}, 8, {}),
+    "non-json-body": ({"p_non_json_body": 1.0}, 8, {}),
+    "garbage": ({"p_garbage": 1.0}, 8, {}),
+    "truncated": ({"p_truncated": 1.0}, 8, {}),
+    "huge": ({"p_huge": 1.0}, 4, {}),
+    "429-no-retry-after": ({"p_429": 0.5, "retry_after_s": None}, 12, {}),
+    "429-retry-after": ({"p_429": 0.4, "retry_after_s": 2}, 12, {}),
+    "mixed": ({"p_429": 0.08, "retry_after_s": 0.5, "p_500": 0.08, "p_timeout": 0.04, "hang_s": 8, "p_drop": 0.08,
                "p_empty_body": 0.08, "p_non_json_body": 0.08, "p_garbage": 0.08, "p_truncated": 0.08,
-               "p_huge": 0.02}, 16),
+               "p_huge": 0.02}, 16, {"timeout_s": 4}),
 }
 #: A task type with one tier that is always down: its jobs fail, and jobs.error says why.
 DOWN = "all-down"
@@ -64,7 +67,8 @@ def fault_config(sim_url: str) -> CascadeConfig:
                 "price": {"input_per_mtok": str(i), "output_per_mtok": str(o)}, **extra}
 
     models = [model(name, name) for name in scenario.PRICES]
-    models += [model(f"f-{fid}", "small", **FAULTY) for fid in [*FAULTS, DOWN]]
+    models += [model(f"f-{fid}", "small", **extra) for fid, (_, _, extra) in FAULTS.items()]
+    models.append(model(f"f-{DOWN}", "small"))
     label = {"system": "You label support tickets. Answer with JSON only.", "prompt": "Ticket {id}: {text}",
              "output": "json", "schema": scenario.LABEL_SCHEMA,
              "self_consistency": {"samples": 3, "min_agreement": 0.6, "fields": ["label"]}}
@@ -77,7 +81,7 @@ def fault_config(sim_url: str) -> CascadeConfig:
 def fault_sim(seed: int = 4) -> SimConfig:
     base = scenario.sim_config(seed)
     quality = base.model("small").model_dump()
-    models = {f"f-{fid}": SimModel(**{**quality, **faults}) for fid, (faults, _) in FAULTS.items()}
+    models = {f"f-{fid}": SimModel(**{**quality, **faults}) for fid, (faults, _, _) in FAULTS.items()}
     models[f"f-{DOWN}"] = SimModel(**{**quality, "p_500": 1.0})
     return base.model_copy(update={"models": {**base.models, **models}})
 
@@ -93,7 +97,6 @@ class Expected:
     errors: dict[int, list[str | None]] = field(default_factory=dict)  # tier → attempts.error, in order
     reasons: dict[int, list[str]] = field(default_factory=dict)  # tier → failed validation's reason codes
     deferrals: int = 0  # waits handed to Postgres (the sweeper re-publishes each once)
-    waited_s: float = 0.0
 
 
 def _contents(sim: SimConfig, name: str, key: str, n: int, fmt: dict[str, Any] | None, fault: str | None) -> list[str]:
@@ -127,7 +130,6 @@ def _request_errors(sim: SimConfig, tier: ResolvedTier, key: str, exp: Expected)
         if step.action is RequestAction.GIVE_UP:
             return errors, "model_error:" + kind
         exp.deferrals += step.action is RequestAction.DEFER
-        exp.waited_s += step.delay_s + (tier.model.timeout_s if kind == "timeout" else 0)
     raise AssertionError("the sim never answers")
 
 
@@ -206,7 +208,8 @@ def audit(env: Any, client: Client, batch_id: str, snap: TaskSnapshot, expected:
     for key, exp in expected.items():
         job = jobs[key]
         assert (job["status"], job["tier"], job["output"]) == (exp.status, exp.tier, exp.output), key
-        assert {t: [a.error for a in rows] for (k, t), rows in attempts.items() if k == key} == exp.errors, key
+        mine = {t: rows for (k, t), rows in attempts.items() if k == key}
+        assert {t: [a.error for a in rows] for t, rows in mine.items()} == exp.errors, (key, mine)
         assert {t: codes for (k, t), codes in reasons.items() if k == key} == exp.reasons, key
         if exp.status == "failed":
             assert job["error"].startswith(exp.reasons[exp.tier][0]), key
@@ -218,6 +221,8 @@ def audit(env: Any, client: Client, batch_id: str, snap: TaskSnapshot, expected:
             else:
                 i, o = scenario.PRICES["small" if a.model.startswith("f-") else a.model]
                 assert a.cost_usd == (a.input_tokens * i + a.output_tokens * o) / Decimal(1_000_000) > 0
+    assert env.scalar("""SELECT count(*) FROM jobs j WHERE batch_id = :b AND
+        (SELECT count(*) FROM validations v WHERE v.job_id = j.id) <> j.tier""", b=batch_id) == 0
     assert env.scalar("""SELECT count(*) FROM (SELECT 1 FROM attempts a JOIN jobs j ON j.id = a.job_id
         WHERE j.batch_id = :b AND a.error IS NULL GROUP BY a.job_id, a.tier, a.sample HAVING count(*) > 1) d""",
                       b=batch_id) == 0
@@ -238,7 +243,7 @@ def test_provider_faults_end_as_the_policy_says(env, sim, workers, subtests):
     client = Client(settings, engine=env.engine, config=fault_config(server.url),
                     publisher=CeleryPublisher.connect(settings, settings.broker_url))
     worker = workers(concurrency=64)
-    batches = {fid: _rows(fid, n) for fid, (_, n) in FAULTS.items()} | {DOWN: _rows(DOWN, 6)}
+    batches = {fid: _rows(fid, n) for fid, (_, n, _) in FAULTS.items()} | {DOWN: _rows(DOWN, 6)}
     expected = {fid: {r["id"]: predict(client.config.snapshot(fid), sim_cfg, r) for r in rows}
                 for fid, rows in batches.items()}
     # When a batch per fault is submitted and run
@@ -263,3 +268,41 @@ def test_provider_faults_end_as_the_policy_says(env, sim, workers, subtests):
     log = worker.log.read_text(errors="replace")
     assert "Traceback" not in log and "CRITICAL" not in log, log[-3000:]
     client.close()
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.due: list[Any] = []
+
+    def publish(self, due: Any) -> None:
+        self.due += list(due)
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {}
+
+
+def test_hostile_bytes_are_stored_not_fatal(env):
+    # Given a model that first fails with NUL and invalid UTF-8 in its error body, then answers with a
+    # NUL character and a lone surrogate (raw, and as JSON escapes inside the answer), which Postgres refuses
+    answer = '{"label": "a\\u0000\\ud800b", "confidence": 1}'
+    bodies = iter([httpx.Response(500, content=b"oops \x00 \xff"), httpx.Response(200, content=json.dumps({
+        "choices": [{"index": i, "message": {"content": c}} for i, c in enumerate([answer, answer, "raw\x00\ud800"])],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 30}}).encode())])
+    providers = ProviderPool(transport=httpx.MockTransport(lambda request: next(bodies)))
+    config = fault_config("http://mock.test/v1")
+    publisher = _Recorder()
+    client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
+    batch = client.submit(DOWN, [{"id": "x", "text": "hostile"}], key_field="id").batch_id
+    ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+    job_id = env.scalar("SELECT id FROM jobs WHERE batch_id = :b", b=batch)
+    # When its call and validate stages run
+    assert run_call(ctx, job_id, 1)
+    assert run_validate(ctx, job_id, 1)
+    # Then the failed request and the answer are recorded, and the majority answer is stored, made safe
+    job = next(client.results(batch))
+    assert (job["status"], job["output"]) == ("succeeded", {"label": "a\ufffd?b", "confidence": 1})
+    rows = env.rows("SELECT error, detail, response FROM attempts WHERE job_id = :j ORDER BY id", j=job_id)
+    assert [r.error for r in rows] == ["unavailable", None]
+    assert "oops \ufffd \ufffd" in rows[0].detail
+    assert rows[1].response[2] == "raw\ufffd?"
+    providers.close()

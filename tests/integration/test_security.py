@@ -145,7 +145,6 @@ def echo_url():
     server.server_close()
 
 
-@pytest.mark.xfail(strict=True, reason="providers.py keeps the error body verbatim; the key must be redacted from it")
 def test_api_key_echoed_by_a_provider_is_not_stored(env, sim, echo_url, monkeypatch, caplog):
     # Given a model behind a gateway that quotes the key back in its 401 body
     sentinel = f"sk-SENTINEL-{uuid.uuid4().hex}"
@@ -259,3 +258,22 @@ def test_row_values_are_not_templates():
     # A value that looks like a placeholder is inserted as text, never formatted again
     row = {"text": "{text.__class__.__init__.__globals__}", "id": "{0}"}
     assert render("{id}: {text}", row) == "{0}: {text.__class__.__init__.__globals__}"
+
+
+def test_worker_without_the_key_variable_fails_jobs_naming_it(env, sim, workers):
+    # Given models whose key variable is not set on the worker
+    from tests.integration import scenario
+    from tests.integration.audit import client as make_client
+
+    client = make_client(env, sim(scenario.sim_config()).url)
+    client._config = scenario.cascade_config(client.config.models[0].base_url, api_key_env="CASCADE_TEST_UNSET_KEY")
+    batch = client.submit("label", scenario.rows(5, "label"), key_field="id").batch_id
+    # When a worker runs the batch
+    workers(concurrency=8)
+    state = client.wait(batch, timeout=60, poll_s=0.2)
+    # Then every tier is a model error naming the variable, and the jobs fail instead of hanging
+    assert state.counts == {"failed": 5}
+    reasons = {(r.tier, r.reason) for r in env.rows("SELECT tier, reason FROM escalation_reasons")}
+    assert reasons == {(1, "model_error:config"), (2, "model_error:config"), (3, "model_error:config")}
+    assert all("CASCADE_TEST_UNSET_KEY" in (r.error or "") for r in env.rows("SELECT error FROM jobs"))
+    assert env.scalar("SELECT count(*) FROM attempts") == 0

@@ -193,3 +193,21 @@ def test_backoff_stays_capped_for_huge_attempts(attempt: int) -> None:
     # When the backoff is computed
     # Then it is the cap, not an OverflowError
     assert backoff(attempt) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "retryable"),
+    [
+        ("timeout", None, True),
+        ("unavailable", 503, True),
+        ("connection", None, True),
+        ("rate_limited", 429, True),
+        ("bad_response", 200, True),  # an empty or non-JSON 200 body is a glitch worth another try
+        ("bad_response", 400, False),  # a 4xx will say the same again
+        ("bad_response", 404, False),
+    ],
+)
+def test_is_retryable(kind: str, status: int | None, retryable: bool) -> None:
+    from cascade.policy import is_retryable
+
+    assert is_retryable(kind, status) is retryable
