@@ -24,6 +24,7 @@ tier alone (gpt-4 cot1 sc3 run as a batch, input at the cot1 prompt length).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -33,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -41,7 +43,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cascade import evaluation
-from cascade.config import load_config, load_settings
+from cascade.cli_eval import open_pipeline
+from cascade.config import CascadeConfig, TaskSnapshot, load_config, load_settings, parse_config
 from cascade.sim import load_recordings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +153,10 @@ class Point:
     tier3_rate: float
 
 
-def mean_point(name: str, runs: list[evaluation.RunReport], baseline: Decimal) -> Point:
+def mean_point(name: str, runs: list[evaluation.RunReport], baseline: Decimal) -> Point | None:
     n = len(runs)
+    if not n:
+        return None
     cost = sum((r.metrics.cost_usd for r in runs), Decimal(0)) / n
     return Point(name, sum(r.metrics.accuracy for r in runs) / n, cost, float(cost / baseline),
                  sum(r.metrics.relative_cost or 0.0 for r in runs) / n, sum(r.metrics.escalation_rate for r in runs) / n,
@@ -173,7 +178,7 @@ def points(reports: list[evaluation.TaskReport], baseline: Decimal) -> list[Poin
     out += [mean_point(f"MoT-1D-Vote τ={t}", runs("mot_", at(t)), baseline) for t in THRESHOLDS]
     out += [mean_point("llama-2-13b CoT SC", runs("three_", lambda r: r.plan.tier == 1), baseline)]
     out += [mean_point(f"3-tier llama→3.5→4 τ={t}", runs("three_", at(t)), baseline) for t in THRESHOLDS]
-    return out
+    return [p for p in out if p is not None]
 
 
 def frontier(two_tier: list[Point]) -> list[tuple[float, float]]:
@@ -188,7 +193,7 @@ def frontier(two_tier: list[Point]) -> list[tuple[float, float]]:
 
 def frontier_cost(front: list[tuple[float, float]], accuracy: float) -> float | None:
     """The two-tier frontier's relative cost at ``accuracy`` (linear between its points); None above it."""
-    for (c0, a0), (c1, a1) in zip(front, front[1:], strict=False):
+    for (c0, a0), (c1, a1) in itertools.pairwise(front):
         if a0 <= accuracy <= a1:
             return c0 + (c1 - c0) * (accuracy - a0) / (a1 - a0) if a1 > a0 else c0
     return front[0][0] if front and accuracy <= front[0][1] else None
@@ -198,7 +203,8 @@ def frontier_cost(front: list[tuple[float, float]], accuracy: float) -> float | 
 
 
 def _d(value: float, paper: float | None) -> str:
-    return "" if paper is None else f"{value - paper:+.3f}"
+    """The difference at the paper's precision (3 decimals), so equal to 3 decimals reads +0.000."""
+    return "" if paper is None else f"{round(value, 3) - paper + 0.0:+.3f}"
 
 
 def table(pts: list[Point], front: list[tuple[float, float]]) -> Table:
@@ -224,19 +230,21 @@ def plot(pts: list[Point], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    series = [("CoT-1D-Vote", "C0"), ("MoT-1D-Vote", "C1"), ("3-tier llama→3.5→4", "C2")]
-    for prefix, color in series:
+    series = [("CoT-1D-Vote", "C0", (5, -11)), ("MoT-1D-Vote", "C1", (5, -11)), ("3-tier llama→3.5→4", "C2", (-30, 4))]
+    for prefix, color, offset in series:
         sel = [p for p in pts if p.name.startswith(prefix + " ")]
         ax.plot([p.relative_paper for p in sel], [p.accuracy for p in sel], "o-", color=color,
                 label=f"{prefix} (pipeline, τ=0.4…1.0)")
         for p in sel:
             ax.annotate(p.name.rsplit(" ", 1)[1], (p.relative_paper, p.accuracy), textcoords="offset points",
-                        xytext=(5, -11), fontsize=7, color=color)
+                        xytext=offset, fontsize=7, color=color)
     singles = [("gpt-3.5 CoT SC", "s", "C0"), ("gpt-3.5 MoT SC (7+7)", "s", "C1"), ("llama-2-13b CoT SC", "s", "C2"),
                ("gpt-4 CoT SC", "*", "C3")]
     for name, marker, color in singles:
-        p = next(q for q in pts if q.name == name)
-        ax.plot(p.relative_paper, p.accuracy, marker, color=color, markersize=12 if marker == "*" else 7,
+        single = next((q for q in pts if q.name == name), None)
+        if single is None:
+            continue
+        ax.plot(single.relative_paper, single.accuracy, marker, color=color, markersize=12 if marker == "*" else 7,
                 label=f"{name} alone (pipeline)")
     ax.plot([v[1] for v in PAPER.values()], [v[0] for v in PAPER.values()], "x", color="black", markersize=8,
             label="paper, Table 5")
@@ -250,8 +258,50 @@ def plot(pts: list[Point], path: Path) -> None:
     plt.close(fig)
 
 
+def run_plans(snaps: list[TaskSnapshot], full: bool) -> list[evaluation.RunPlan]:
+    """Every run of every cascade; without ``full``, MoT only at τ=0.6 (Table 5's row) and not its tier 1 alone."""
+    out: list[evaluation.RunPlan] = []
+    for snap in snaps:
+        mot = snap.task_type.name.startswith("mot_") and not full
+        for plan in evaluation.plan_runs(snap, [Decimal("0.6")] if mot else THRESHOLDS):
+            if not (mot and plan.kind == "tier" and not plan.is_top):
+                out.append(plan)
+    return out
+
+
+def variants_indexed() -> bool:
+    """Whether the call stage tells the sim where in its variant a request starts (X-Cascade-Variant-Sample);
+    without it the second variant of a MoT tier is served its recorded samples from the wrong index."""
+    import httpx
+
+    from cascade.providers import ProviderPool
+    from cascade.stages import _request, plan_groups
+
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"choices": []})
+
+    snap = load_config_from(cascade_yaml()).snapshot(next(n for n in task_types() if n.startswith("mot_")))
+    _, second = plan_groups(snap.tier(1), {"question": "q"}, set())
+    pool = ProviderPool(transport=httpx.MockTransport(answer))
+    try:
+        _request(SimpleNamespace(providers=pool), snap, snap.tier(1), second)  # type: ignore[arg-type]
+    finally:
+        pool.close()
+    return bool(seen[0].headers.get("X-Cascade-Variant-Sample") == "0")
+
+
+def load_config_from(data: dict[str, Any]) -> CascadeConfig:  # Any: YAML
+    return parse_config(data, "<bench cascade.yaml>")
+
+
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
+    if not variants_indexed():
+        err.print("[red]warning:[/red] cascade.stages does not send X-Cascade-Variant-Sample: the MoT rows below "
+                  "vote the PoT variant's samples 8-14 instead of 1-7 and do not follow the paper")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cascade-date-") as tmp:
         data, config, baseline = convert(args.data, Path(tmp), args.limit)
@@ -259,13 +309,14 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(config=config)
         snaps = [load_config(config).snapshot(name) for name in task_types()]
         err.print(f"converted {len(recordings)} questions into {tmp}; {len(snaps)} cascades × "
-                  f"({len(THRESHOLDS)} thresholds + tiers alone); same as:\n  cascade eval "
-                  f"{','.join(task_types())} {data} --thresholds {','.join(map(str, THRESHOLDS))} --json")
-        with evaluation.open_pipeline(settings, recordings, concurrency=args.concurrency) as pipe, \
+                  f"({len(THRESHOLDS)} thresholds + tiers alone{'' if args.full else '; MoT at τ=0.6 only'}), "
+                  f"as run by:\n  cascade eval --config {config} {','.join(task_types())} {data} "
+                  f"--thresholds {','.join(map(str, THRESHOLDS))} --json")
+        with open_pipeline(settings, recordings, concurrency=args.concurrency) as pipe, \
                 Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                          console=err) as bar:
             task = bar.add_task("eval jobs", total=None)
-            reports = evaluation.evaluate(pipe, snaps, recordings, THRESHOLDS, dataset="DATE (converted)",
+            reports = evaluation.evaluate(pipe, run_plans(snaps, args.full), recordings, dataset="DATE (converted)",
                                           timeout=args.timeout,
                                           on_progress=lambda d, t: bar.update(task, completed=d, total=t))
     if reports is None:
@@ -277,8 +328,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"baseline_usd": str(baseline), "points": [
             {**p.__dict__, "cost_usd": str(p.cost_usd), "paper": PAPER.get(p.name)} for p in pts]}))
     else:
-        Console().print(table(pts, front))
-        Console().print(f"paper baseline {baseline:.4f} USD; pipeline top tier alone "
+        out = Console(width=200)
+        out.print(table(pts, front))
+        out.print(f"paper baseline {baseline:.4f} USD; pipeline top tier alone "
                         f"{reports[0].top.metrics.cost_usd:.4f} USD; {time.monotonic() - started:.0f} s")
     if args.plot:
         plot(pts, args.plot)
@@ -291,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="directory with date.jsonl and meta_prompts.json")
     parser.add_argument("--plot", type=Path, help="write the cost/accuracy figure here")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--full", action="store_true",
+                        help="MoT-1D-Vote at every threshold and alone too (its curve in the figure; ~40%% more jobs)")
     parser.add_argument("--limit", type=int, help="only the first N questions (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=256, help="greenlets of the one worker")
     parser.add_argument("--timeout", type=float, default=1800)

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cascade.cli_eval import eval_command
 from cascade.client import BatchStatus, Client
 from cascade.config import load_settings
 from cascade.errors import CascadeError
@@ -349,6 +350,9 @@ def dev(
         return
     with run_stack(settings) as stack:
         _stay_up(stack)
+
+
+app.command("eval")(eval_command)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -7,7 +7,11 @@ Registered in ``cli.py`` as ``app.command("eval")(eval_command)``. Exit codes as
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
@@ -18,11 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cascade import evaluation
-from cascade.config import load_config, load_settings
+from cascade.config import CascadeSettings, load_config, load_settings
 from cascade.errors import CascadeError, ConfigError
-from cascade.sim import load_recordings
+from cascade.publish import CeleryPublisher
+from cascade.sim import Recording, SimServer, load_recordings
+from cascade.store import make_engine
 
-__all__ = ["eval_command", "parse_thresholds", "plot_reports", "report_table"]
+__all__ = ["eval_command", "open_pipeline", "parse_thresholds", "plot_reports", "report_table"]
 
 err = Console(stderr=True)
 
@@ -99,6 +105,48 @@ def plot_reports(reports: Sequence[evaluation.TaskReport], path: Path) -> None:
     plt.close(fig)
 
 
+@contextmanager
+def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, start_worker: bool = True,
+                  concurrency: int = 128) -> Iterator[evaluation.Pipeline]:
+    """Postgres and Redis (embedded when no URL is set, as ``cascade demo``; left running like the demo's),
+    migrations, a replay sim in this process and, with ``start_worker``, one gevent worker subprocess on
+    queues of its own (a private Redis key prefix), so workers already on the broker never see eval jobs.
+    Everything started here, but the embedded services, stops when the block exits."""
+    from cascade.migrate import upgrade
+    from cascade.stack import Children, worker_env
+
+    data_dir = settings.data_dir.resolve()
+    with ExitStack() as stack:
+        psql = None
+        if not (settings.database_url and settings.broker_url):
+            from cascade.embedded import embedded_stack
+
+            services = stack.enter_context(embedded_stack(data_dir / "services", keep=True))
+            settings = settings.model_copy(update={"database_url": settings.database_url or services.database_url,
+                                                   "broker_url": settings.broker_url or services.broker_url})
+            psql = services.psql_command
+        database_url, broker_url = settings.database_url, settings.broker_url
+        assert database_url and broker_url
+        engine = make_engine(database_url, schema=settings.db_schema, pool_size=2)
+        stack.callback(engine.dispose)
+        upgrade(engine)
+        sim = stack.enter_context(SimServer(recordings=recordings))
+        worker, log = None, None
+        if start_worker:
+            settings = settings.model_copy(update={"key_prefix": f"{settings.key_prefix}eval-{uuid.uuid4().hex[:8]}:"})
+            log = data_dir / "logs" / "eval-worker.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            children = Children()
+            stack.callback(children.stop)
+            cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "gevent", "-c",
+                   str(concurrency), "-Q", "tier1,tier2,tier3,validate", "--without-gossip", "--without-mingle",
+                   "-l", "warning", "-n", f"eval-{os.getpid()}@%h"]
+            worker = children.start(cmd, worker_env(settings, settings.config), log)
+        publisher = CeleryPublisher.connect(settings, broker_url)
+        stack.callback(publisher.close)
+        yield evaluation.Pipeline(engine, publisher, sim.url, settings, worker, log, psql)
+
+
 def _progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err)
@@ -137,11 +185,12 @@ def eval_command(
         recordings = load_recordings(data)
         for snap in snaps:
             evaluation.check_recordings(snap, recordings, str(data))
-        with evaluation.open_pipeline(settings, recordings, start_worker=start_worker,
+        with open_pipeline(settings, recordings, start_worker=start_worker,
                                       concurrency=concurrency) as pipe, _progress_bar() as bar:
             task = bar.add_task("eval jobs", total=None)
+            plans = [plan for snap in snaps for plan in evaluation.plan_runs(snap, levels)]
             reports = evaluation.evaluate(
-                pipe, snaps, recordings, levels, dataset=str(data), target_accuracy=target_accuracy,
+                pipe, plans, recordings, dataset=str(data), target_accuracy=target_accuracy,
                 timeout=timeout, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
             psql = pipe.psql_command
     except CascadeError as exc:

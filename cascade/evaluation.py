@@ -9,20 +9,18 @@ equals ``gold`` on the voted fields; a failed job is wrong), escalation and tier
 batch through the same pipeline (not an estimate from recorded usage). Runs and per-row outcomes are
 written to ``eval_runs`` and ``eval_results``.
 
-Identical tier-alone runs of several task types (same tier, same checks) share one batch.
+Identical tier-alone runs of several task types (same tier, same checks) share one batch. The edge
+(``cli_eval.open_pipeline``) builds the ``Pipeline``: services, the replay sim and a worker.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from subprocess import Popen
@@ -33,9 +31,8 @@ from sqlalchemy import Engine, text
 from cascade import producer
 from cascade.config import CascadeSettings, TaskSnapshot, TierConfig, render
 from cascade.errors import CascadeError, InputError
-from cascade.publish import CeleryPublisher, Publisher
-from cascade.sim import Recording, SimServer
-from cascade.store import make_engine
+from cascade.publish import Publisher
+from cascade.sim import Recording
 from cascade.validate import canonicalize
 
 __all__ = [
@@ -52,7 +49,6 @@ __all__ = [
     "is_calibration",
     "is_correct",
     "measure",
-    "open_pipeline",
     "plan_runs",
     "point_at",
     "tier_alone",
@@ -73,8 +69,9 @@ class RunPlan:
     label: str
     kind: RunKind
     threshold: Decimal | None
-    tier: int | None  # tier-alone runs: which tier (the top tier's run is the cost baseline)
+    tier: int | None  # tier-alone runs: which tier
     snapshot: TaskSnapshot
+    is_top: bool = False  # the top tier alone: the cost baseline of its task type's runs
 
 
 def with_threshold(snap: TaskSnapshot, threshold: Decimal) -> TaskSnapshot:
@@ -105,7 +102,7 @@ def plan_runs(snap: TaskSnapshot, thresholds: Sequence[Decimal]) -> list[RunPlan
     for i in range(1, snap.tier_count + 1):
         model = snap.tier(i).model.name
         label = f"top tier alone ({model})" if i == snap.tier_count else f"tier {i} alone ({model})"
-        runs.append(RunPlan(name, label, "tier", None, i, tier_alone(snap, i)))
+        runs.append(RunPlan(name, label, "tier", None, i, tier_alone(snap, i), i == snap.tier_count))
     return runs
 
 
@@ -276,7 +273,7 @@ class TaskReport:
 
     @property
     def top(self) -> RunReport:
-        return next(r for r in reversed(self.runs) if r.plan.kind == "tier")
+        return next(r for r in self.runs if r.plan.is_top)
 
     def to_json(self) -> dict[str, Any]:  # Any: JSON
         return {"task_type": self.task_type, "dataset": self.dataset, "eval_id": self.eval_id,
@@ -300,54 +297,11 @@ class Pipeline:
     worker: Popen[bytes] | None = None
     worker_log: Path | None = None
     psql_command: str | None = None
-    _ids: dict[str, str] = field(default_factory=dict)
 
     def check_worker(self) -> None:
         """Raise when the worker we started has exited (its log says why)."""
         if self.worker is not None and self.worker.poll() is not None:
             raise CascadeError(f"the eval worker exited with code {self.worker.returncode}; see {self.worker_log}")
-
-
-@contextmanager
-def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, start_worker: bool = True,
-                  concurrency: int = 128) -> Iterator[Pipeline]:
-    """Postgres and Redis (embedded when no URL is set, as ``cascade demo``; left running like the demo's),
-    migrations, a replay sim in this process and, with ``start_worker``, one gevent worker subprocess on
-    queues of its own (a private Redis key prefix), so workers already on the broker never see eval jobs.
-    Everything started here, but the embedded services, stops when the block exits."""
-    from cascade.migrate import upgrade
-    from cascade.stack import _Children, _worker_env
-
-    data_dir = settings.data_dir.resolve()
-    with ExitStack() as stack:
-        psql = None
-        if not (settings.database_url and settings.broker_url):
-            from cascade.embedded import embedded_stack
-
-            services = stack.enter_context(embedded_stack(data_dir / "services", keep=True))
-            settings = settings.model_copy(update={"database_url": settings.database_url or services.database_url,
-                                                   "broker_url": settings.broker_url or services.broker_url})
-            psql = services.psql_command
-        database_url, broker_url = settings.database_url, settings.broker_url
-        assert database_url and broker_url
-        engine = make_engine(database_url, schema=settings.db_schema, pool_size=2)
-        stack.callback(engine.dispose)
-        upgrade(engine)
-        sim = stack.enter_context(SimServer(recordings=recordings))
-        worker, log = None, None
-        if start_worker:
-            settings = settings.model_copy(update={"key_prefix": f"{settings.key_prefix}eval-{uuid.uuid4().hex[:8]}:"})
-            log = data_dir / "logs" / "eval-worker.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            children = _Children()
-            stack.callback(children.stop)
-            cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "gevent", "-c",
-                   str(concurrency), "-Q", "tier1,tier2,tier3,validate", "--without-gossip", "--without-mingle",
-                   "-l", "warning", "-n", f"eval-{os.getpid()}@%h"]
-            worker = children.start(cmd, _worker_env(settings, settings.config), log)
-        publisher = CeleryPublisher.connect(settings, broker_url)
-        stack.callback(publisher.close)
-        yield Pipeline(engine, publisher, sim.url, settings, worker, log, psql)
 
 
 def _dedupe_key(snap: TaskSnapshot) -> str:
@@ -356,21 +310,22 @@ def _dedupe_key(snap: TaskSnapshot) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _submit(pipe: Pipeline, plan: RunPlan, recordings: Sequence[Recording], dataset: str) -> str:
-    """The batch of ``plan`` (shared with an identical tier-alone run submitted before)."""
+def _submit(pipe: Pipeline, plan: RunPlan, recordings: Sequence[Recording], dataset: str,
+            submitted: dict[str, str]) -> str:
+    """The batch of ``plan``, shared with an identical tier-alone run already in ``submitted`` (key → batch)."""
     snap = point_at(plan.snapshot, pipe.sim_url)
     key = _dedupe_key(snap) if plan.kind == "tier" else None
-    if key is not None and key in pipe._ids:
-        return pipe._ids[key]
+    if key is not None and key in submitted:
+        return submitted[key]
     rows = ((i, rec.input) for i, rec in enumerate(recordings, start=1))
     batch_id = producer.submit_rows(pipe.engine, pipe.publisher, snap, rows, source=f"cascade eval {dataset}").batch_id
     if key is not None:
-        pipe._ids[key] = batch_id
+        submitted[key] = batch_id
     return batch_id
 
 
 def wait(pipe: Pipeline, batch_ids: Sequence[str], *, timeout: float | None,
-         on_progress: Callable[[int, int], None] | None = None, poll_s: float = 0.5) -> bool:
+         on_progress: Callable[[int, int], None] | None = None, poll_s: float = 0.25) -> bool:
     """Poll Postgres until every job of the batches is finished; False after ``timeout`` seconds."""
     deadline = None if timeout is None else time.monotonic() + timeout
     sql = text("SELECT count(*), count(*) FILTER (WHERE status IN ('succeeded', 'failed')) FROM jobs "
@@ -434,43 +389,48 @@ def _record(engine: Engine, report: TaskReport, dataset_hash: str, golds: dict[s
 
 def evaluate(
     pipe: Pipeline,
-    snaps: Sequence[TaskSnapshot],
+    plans: Sequence[RunPlan],
     recordings: Sequence[Recording],
-    thresholds: Sequence[Decimal],
     *,
     dataset: str,
     target_accuracy: float | None = None,
     timeout: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[TaskReport] | None:
-    """Run every task type's runs at once through ``pipe``, score them, record them in Postgres.
+    """Submit every run at once through ``pipe``, wait, score and record them; one report per task type.
 
-    Returns None when ``timeout`` passed before every job finished (nothing is recorded then).
+    ``plans`` come from ``plan_runs`` (a caller may leave runs out, but not a task type's top tier alone,
+    its cost baseline). Returns None when ``timeout`` passed before every job finished (nothing is
+    recorded then).
 
     Raises:
         InputError: the recordings cannot answer a run (``check_recordings``).
+        ValueError: a task type has no top-tier-alone run.
         CascadeError: the worker we started died.
     """
-    for snap in snaps:
+    tasks = list(dict.fromkeys(p.task_type for p in plans))
+    tops = {p.task_type: p for p in plans if p.is_top}
+    if missing := [t for t in tasks if t not in tops]:
+        raise ValueError(f"no top-tier-alone run for {', '.join(missing)}")
+    for snap in {_dedupe_key(p.snapshot): p.snapshot for p in plans}.values():
         check_recordings(snap, recordings, dataset)
-    eval_id = uuid.uuid4().hex
-    plans = [plan for snap in snaps for plan in plan_runs(snap, thresholds)]
-    batches = [_submit(pipe, plan, recordings, dataset) for plan in plans]
+    submitted: dict[str, str] = {}
+    batches = [_submit(pipe, plan, recordings, dataset, submitted) for plan in plans]
     if not wait(pipe, batches, timeout=timeout, on_progress=on_progress):
         return None
     outcomes = {b: _outcomes(pipe, b, p.snapshot, recordings) for p, b in zip(plans, batches, strict=True)}
     golds = {rec.id: rec.gold for rec in recordings}
     dataset_hash = hashlib.sha256("\n".join(r.model_dump_json() for r in recordings).encode()).hexdigest()[:16]
-    reports = []
-    for snap in snaps:
-        mine = [(p, b) for p, b in zip(plans, batches, strict=True) if p.task_type == snap.task_type.name]
-        top = outcomes[mine[-1][1]]
+    eval_id, reports = uuid.uuid4().hex, []
+    for task in tasks:
+        mine = [(p, b) for p, b in zip(plans, batches, strict=True) if p.task_type == task]
+        top = next(outcomes[b] for p, b in mine if p.is_top)
         runs = [RunReport(p, b, measure(outcomes[b], top), outcomes[b]) for p, b in mine]
         target = None
         if target_accuracy is not None:
             pairs = [(p.threshold, outcomes[b]) for p, b in mine if p.threshold is not None]
             target = choose_threshold(pairs, top, target_accuracy)
-        report = TaskReport(snap.task_type.name, dataset, eval_id, runs, target)
+        report = TaskReport(task, dataset, eval_id, runs, target)
         _record(pipe.engine, report, dataset_hash, golds)
         reports.append(report)
     return reports

@@ -28,7 +28,7 @@ from cascade.migrate import upgrade
 from cascade.sim import SimConfig, SimServer
 from cascade.store import make_engine
 
-__all__ = ["DEMO_DATA", "DevStack", "free_port", "run_stack"]
+__all__ = ["DEMO_DATA", "Children", "DevStack", "free_port", "run_stack", "worker_env"]
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 @dataclass
-class _Children:
+class Children:
     """Child processes in their own sessions (a terminal Ctrl-C reaches only us; we stop them in order)."""
 
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -90,7 +90,7 @@ class DevStack:
         return "\n".join(lines)
 
 
-def _worker_env(settings: CascadeSettings, config_path: Path) -> dict[str, str]:
+def worker_env(settings: CascadeSettings, config_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
     env.update({"CASCADE_DATABASE_URL": settings.database_url or "", "CASCADE_BROKER_URL": settings.broker_url or "",
                 "CASCADE_CONFIG": str(config_path)})
@@ -142,9 +142,9 @@ def run_stack(settings: CascadeSettings, *, concurrency: int = 64) -> Iterator[D
         config_path = data_dir / "cascade.yaml"
         config_path.write_text((DEMO_DATA / "cascade.yaml").read_text().replace("${SIM_URL}", sim.url))
         load_config(config_path)
-        children = _Children()
+        children = Children()
         stack.callback(children.stop)
-        env = _worker_env(settings, config_path)
+        env = worker_env(settings, config_path)
         celery = [sys.executable, "-m", "celery", "-A", "workers.app"]
         children.start([*celery, "worker", "-P", "gevent", "-c", str(concurrency), "-Q", "tier1,tier2,tier3,validate",
                         "--without-gossip", "--without-mingle", "-l", "warning", "-n", f"demo-{os.getpid()}@%h"],

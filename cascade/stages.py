@@ -92,6 +92,8 @@ class Group:
     n: int
     variant: str | None
     messages: list[Message]
+    #: index of the first sample within its variant (a ``model#variant`` recording is indexed by it)
+    variant_sample: int = 0
 
 
 def plan_groups(tier: ResolvedTier, row: dict[str, Any], answered: set[int]) -> list[Group]:  # Any: a row
@@ -111,7 +113,7 @@ def plan_groups(tier: ResolvedTier, row: dict[str, Any], answered: set[int]) -> 
         size = samples if tier.model.supports_n else 1
         for start in range(first, first + samples, size):
             if not answered.issuperset(range(start, start + size)):
-                groups.append(Group(start, size, variant, messages))
+                groups.append(Group(start, size, variant, messages, start - first))
         first += samples
     return groups
 
@@ -245,6 +247,7 @@ def _request(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, group: G
     headers = {"X-Cascade-Model": tier.model.name, "X-Cascade-Sample": str(group.sample)}
     if group.variant:
         headers["X-Cascade-Variant"] = group.variant
+        headers["X-Cascade-Variant-Sample"] = str(group.variant_sample)
     provider = ctx.providers.get(tier.model)
     return provider.complete(group.messages, n=group.n, max_tokens=tier.max_tokens,
                              temperature=tier.temperature, response_format=_response_format(snap), headers=headers)

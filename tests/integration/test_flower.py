@@ -126,12 +126,13 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
             return seen.get("tier1") == ROWS
 
         wait_for(backlog, timeout=10, what=f"flower to report {ROWS} messages on tier1")
-        assert seen == {"tier1": ROWS, "tier2": 0, "tier3": 0, "validate": 0}
+        assert seen == {"tier1": ROWS, "tier2": 0, "tier3": 0, "validate": 0, "sweep": 0}
 
         # When a tier1-only worker runs the call stage of every job
         workers(queues="tier1", concurrency=32)
         # Then Flower sees tier1 drain into validate (still listed: Flower has not inspected the worker)
-        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": ROWS}, timeout=20,
+        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": ROWS, "sweep": 0},
+                 timeout=20,
                  what="tier1 to drain into validate")
         # But once Flower has inspected that worker it lists only tier1: the waiting validate messages vanish
         # from the API (CELERY-NOTES §6), so the backlog must be read from Postgres, not from Flower
