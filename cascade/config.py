@@ -321,6 +321,8 @@ class CascadeSettings(BaseSettings):
     # Celery beat's sweep (workers/app.py): how often, and how old a queued job's last publish must be.
     sweep_every_s: float = 15.0
     stalled_after_s: float = 120.0
+    # Celery's worker_prefetch_multiplier: see cascade.publish.celery_config (use 1 with prefork workers).
+    prefetch_multiplier: int = 4
     # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")

@@ -7,6 +7,10 @@ exchange used for plain queue routing is not).
 
 from __future__ import annotations
 
+import base64
+import logging
+import re
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,6 +19,8 @@ from cascade.store import Stage
 
 if TYPE_CHECKING:
     from celery import Celery
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CALL_TASK",
@@ -38,6 +44,10 @@ SWEEP_TASK = "cascade.sweep"
 #: Celery beat's periodic sweep runs here, never behind a backlog on the tier queues (CELERY-NOTES §7).
 SWEEP_QUEUE = "sweep"
 MAX_TIERS = 3
+#: A publish of at least this many messages takes the bulk path on Redis (the producer's chunks, sweeps);
+#: smaller ones (a stage's next step) go through ``send_task`` with its signals and retry policy.
+BULK_MIN = 16
+_LPUSH_CHUNK = 1000
 
 Due = tuple[int, int, Stage]  # (job id, tier, stage)
 
@@ -89,7 +99,12 @@ def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # gevent's pool blocks the consumer in spawn() when every slot is busy, so at most concurrency + 1
+        # messages are ever reserved (measured: -c 64 held 65 unacked) whatever this multiplier: each slot
+        # holds one message, as prefetch 1 intends. With multiplier 1 the reservation limit is hit first, and
+        # kombu then pauses BRPOP and sleeps a full second before fetching again (kombu redis
+        # MultiChannelPoller.get): the pool ran at 8 of 64 slots on average and 15 jobs/s instead of 49.
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "task_queues": [Queue(name) for name in queues],
         "task_default_queue": VALIDATE_QUEUE,
         "task_create_missing_queues": False,
@@ -103,6 +118,7 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._templates: dict[tuple[str, str], _Envelope] = {}
 
     @classmethod
     def connect(cls, settings: CascadeSettings, broker_url: str) -> CeleryPublisher:
@@ -113,12 +129,44 @@ class CeleryPublisher:
         return cls(app)
 
     def publish(self, due: Sequence[Due]) -> None:
+        """Send one task message per due (job, tier, stage).
+
+        On Redis, ``BULK_MIN`` or more messages are pushed with one LPUSH per queue and chunk instead of
+        one ``send_task`` each (about 20× faster); they are the same Celery protocol-2 messages, routed by
+        queue only, but ``before/after_task_publish`` signals are not sent for them. If the bulk push fails
+        the chunk is sent again message by message (a message sent twice is a no-op for the stages).
+        """
         if not due:
             return
         with self.app.producer_or_acquire() as producer:
+            if len(due) >= BULK_MIN and _is_redis(producer):
+                errors = producer.connection.connection_errors + producer.connection.channel_errors
+                try:
+                    self._push(producer, due)
+                    return
+                except errors as exc:  # a broken connection: the slow path has Celery's retry policy
+                    log.warning("bulk publish of %d messages failed (%r); sending them one by one", len(due), exc)
             for job_id, tier, stage in due:
-                name = CALL_TASK if stage is Stage.CALL else VALIDATE_TASK
-                self.app.send_task(name, args=[job_id, tier], queue=queue_for(tier, stage), producer=producer)
+                self.app.send_task(_task(stage), args=[job_id, tier], queue=queue_for(tier, stage),
+                                   producer=producer)
+
+    def _push(self, producer: Any, due: Sequence[Due]) -> None:  # Any: a kombu Producer
+        channel = producer.channel
+        by_queue: dict[str, list[str]] = {}
+        for job_id, tier, stage in due:
+            queue = queue_for(tier, stage)
+            key = (_task(stage), queue)
+            template = self._templates.get(key)
+            if template is None:
+                template = self._templates[key] = _Envelope.build(self.app, channel, *key)
+            by_queue.setdefault(queue, []).append(template.render(job_id, tier))
+        with channel.conn_or_acquire() as client:  # kombu's client adds global_keyprefix to each key
+            pipe = client.pipeline(transaction=False)
+            for queue, messages in by_queue.items():
+                for start in range(0, len(messages), _LPUSH_CHUNK):
+                    # LPUSH k m1 m2 … leaves m1 nearest the tail, where BRPOP takes from: order is kept.
+                    pipe.lpush(queue, *messages[start: start + _LPUSH_CHUNK])
+            pipe.execute()
 
     def queue_lengths(self) -> dict[str, int]:
         queues = [*tier_queues(), VALIDATE_QUEUE]
@@ -133,3 +181,57 @@ class CeleryPublisher:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _task(stage: Stage) -> str:
+    return CALL_TASK if stage is Stage.CALL else VALIDATE_TASK
+
+
+def _is_redis(producer: Any) -> bool:  # Any: a kombu Producer
+    return bool(producer.connection.transport.driver_type == "redis" and
+                hasattr(producer.channel, "conn_or_acquire"))
+
+
+class _Envelope:
+    """The Redis envelope of one task on one queue, serialized once, with holes for what differs per message.
+
+    Built by the same calls ``send_task`` makes (``amqp.create_task_message``, kombu's JSON serializer,
+    ``channel.prepare_message``, the channel's body encoding), with sentinels where the task id, the
+    arguments, the delivery tag and the body go.
+    """
+
+    _ID, _TAG, _BODY = "@@cascade-id@@", "@@cascade-tag@@", "@@cascade-body@@"
+    _JOB, _TIER = 987654321012345678, 876543219
+    _ARGS = f"{_JOB}, {_TIER}"
+    _HOLES = re.compile("|".join(re.escape(h) for h in (_ID, _TAG, _BODY, _ARGS)))
+
+    def __init__(self, parts: list[str], holes: list[str], body: tuple[str, str], encoding: str) -> None:
+        self.parts, self.holes, self.body, self.encoding = parts, holes, body, encoding
+
+    @classmethod
+    def build(cls, app: Celery, channel: Any, name: str, queue: str) -> _Envelope:  # Any: a kombu channel
+        from kombu.serialization import dumps as serialize
+        from kombu.utils.json import dumps as to_json
+
+        task = app.amqp.create_task_message(cls._ID, name, [cls._JOB, cls._TIER], {}, reply_to=app.thread_oid,
+                                            ignore_result=None)
+        content_type, content_encoding, data = serialize(task.body, serializer="json")
+        message = channel.prepare_message(data, 0, content_type, content_encoding, task.headers,
+                                          {**task.properties, "delivery_mode": 2})
+        _, encoding = channel.encode_body(data, channel.body_encoding)
+        message["body"] = cls._BODY
+        message["properties"].update(body_encoding=encoding, delivery_tag=cls._TAG)
+        message["properties"]["delivery_info"].update(exchange="", routing_key=queue)
+        text = to_json(message)
+        pre, _, post = data.partition(cls._ARGS)
+        return cls(cls._HOLES.split(text), cls._HOLES.findall(text), (pre, post), encoding)
+
+    def render(self, job_id: int, tier: int) -> str:
+        args = f"{job_id}, {tier}"
+        data = (self.body[0] + args + self.body[1]).encode()
+        body = base64.b64encode(data).decode() if self.encoding == "base64" else data.decode()
+        values = {self._ID: str(uuid.uuid4()), self._TAG: str(uuid.uuid4()), self._BODY: body, self._ARGS: args}
+        out = [self.parts[0]]
+        for hole, part in zip(self.holes, self.parts[1:], strict=True):
+            out += (values[hole], part)
+        return "".join(out)
