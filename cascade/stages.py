@@ -147,17 +147,27 @@ class _Outcome:
     error_detail: str = ""
 
 
+def _claim(ctx: StageContext, conn: Connection, job_id: int, tier: int,
+           stage: Stage) -> tuple[Claim, TaskSnapshot] | None:
+    """Claim the job for (tier, stage) with its batch's snapshot; None when a duplicate or late message."""
+    held = store.claim(conn, job_id, tier, stage, ctx.settings.lease_s)
+    if held is None:
+        # Losing the race is normal (a redelivered or re-published message): not an error.
+        log.debug("job %s tier %s %s: already moved on", job_id, tier, stage.value)
+        return None
+    return held, ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
+
+
 def run_call(ctx: StageContext, job_id: int, tier: int) -> bool:
     """Call stage: send the tier's requests, record them, move the job to validation.
 
     Returns False when the message was stale (the job had moved on) or the claim was lost.
     """
     with ctx.engine.begin() as conn:
-        held = store.claim(conn, job_id, tier, Stage.CALL, ctx.settings.lease_s)
-        if held is None:
-            log.debug("job %s tier %s call: already moved on", job_id, tier)
+        claimed = _claim(ctx, conn, job_id, tier, Stage.CALL)
+        if claimed is None:
             return False
-        snap = ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
+        held, snap = claimed
         resolved = snap.tier(tier)
         unusable = _unusable_model(ctx, resolved)
         if unusable is not None:
@@ -384,11 +394,10 @@ def _finish_call(ctx: StageContext, snap: TaskSnapshot, held: Claim, outcomes: l
 def run_validate(ctx: StageContext, job_id: int, tier: int) -> bool:
     """Validate stage: vote on the tier's samples, then accept, escalate or fail — in one transaction."""
     with ctx.engine.begin() as conn:
-        held = store.claim(conn, job_id, tier, Stage.VALIDATE, ctx.settings.lease_s)
-        if held is None:
-            log.debug("job %s tier %s validate: already moved on", job_id, tier)
+        claimed = _claim(ctx, conn, job_id, tier, Stage.VALIDATE)
+        if claimed is None:
             return False
-        snap = ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
+        held, snap = claimed
         verdict = judge(snap, tier, store.answers(conn, job_id, tier))
         moved, due = _apply_verdict(conn, snap, held, verdict)
     if moved:
