@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _cli(env, config_path, *args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cascade.cli", *args], cwd=ROOT, input=stdin, text=True,
+    return subprocess.run([sys.executable, "-m", "cascade.cli", *args], check=False, cwd=ROOT, input=stdin, text=True,
                           capture_output=True, timeout=timeout, env=env.environ(CASCADE_CONFIG=str(config_path)))
 
 
