@@ -224,13 +224,23 @@ def sweep(
     every: Annotated[float | None, typer.Option(help="Loop, sweeping every this many seconds.")] = None,
 ) -> None:
     """Re-publish jobs whose message was lost or whose worker died (one pass, or a loop with --every)."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import DBAPIError
+
     from cascade.sweeper import sweep as run_sweep
 
     client = _client()
     while True:
-        report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after))
-        err.print(f"sweep: expired={report.expired} due={report.due} stalled={report.stalled}"
-                  + ("" if report.locked else " (another sweeper holds the lock)"))
+        try:
+            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after))
+        except (DBAPIError, BrokerError, OSError) as exc:
+            if every is None:
+                raise
+            # A Postgres or broker blip must not end the loop: the next tick sweeps again.
+            err.print(f"sweep failed, retrying in {every} s: {type(exc).__name__}: {str(exc)[:200]}", markup=False)
+        else:
+            err.print(f"sweep: expired={report.expired} due={report.due} stalled={report.stalled}"
+                      + ("" if report.locked else " (another sweeper holds the lock)"))
         if every is None:
             return
         time.sleep(every)
