@@ -1,0 +1,61 @@
+"""`cascade dev`: the embedded stack for one's own data, with the variables to export, until Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cascade.embedded import stop_embedded
+from cascade.stack import DEMO_DATA
+from tests.conftest import ROOT, wait_for
+from tests.integration.test_demo import _leftovers
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_dev_prints_exports_that_work_and_ctrl_c_stops_everything():
+    data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    dev = subprocess.Popen([sys.executable, "-m", "cascade.cli", "dev", "--data-dir", str(data_dir)], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        # Given the variables `cascade dev` prints
+        exports: dict[str, str] = {}
+        deadline = time.monotonic() + 90
+        assert dev.stdout is not None
+        while len(exports) < 3 and time.monotonic() < deadline:
+            line = dev.stdout.readline()
+            if line.startswith("export "):
+                name, _, value = line[len("export "):].strip().partition("=")
+                exports[name] = value.strip("'")
+        assert set(exports) == {"CASCADE_DATABASE_URL", "CASCADE_BROKER_URL", "CASCADE_CONFIG"}
+        user_env = {**env, **exports}
+        # When a user submits their own rows with them and waits
+        submit = subprocess.run([sys.executable, "-m", "cascade.cli", "submit", "ticket_triage",
+                                 str(DEMO_DATA / "tickets.jsonl"), "--key-field", "ticket_id"],
+                                cwd=ROOT, env=user_env, capture_output=True, text=True, timeout=60, check=False)
+        assert submit.returncode == 0, submit.stderr
+        batch = submit.stdout.strip()
+        waited = subprocess.run([sys.executable, "-m", "cascade.cli", "wait", batch, "--timeout", "120", "--json"],
+                                cwd=ROOT, env=user_env, capture_output=True, text=True, timeout=150, check=False)
+        # Then the batch runs on the dev stack's workers
+        assert waited.returncode in (0, 1), waited.stderr
+        assert json.loads(waited.stdout)["finished"] == 200
+        children = {p.pid for p in psutil.Process(dev.pid).children(recursive=True)}
+        # When the user presses Ctrl-C, nothing it started is left
+        dev.send_signal(signal.SIGINT)
+        dev.wait(60)
+        wait_for(lambda: not _leftovers(data_dir, children), 20, "cascade dev's processes to exit")
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+        stop_embedded(data_dir / "services")
