@@ -23,47 +23,20 @@ Design:
 
 from __future__ import annotations
 
+import importlib
+
 __all__ = ["DOWNGRADE", "OLD_VIEW", "UPGRADE"]
 
-#: The view as migration 0002 defines it (the baseline; also what DOWNGRADE restores).
-OLD_VIEW = """
-CREATE OR REPLACE VIEW escalation_stats AS
-WITH per_job AS (
-    SELECT j.task_type, j.tier, j.status, j.cost_usd,
-           j.status IN ('succeeded', 'failed') AS finished,
-           (coalesce(a.in1, 0) * b.top_input_per_mtok + coalesce(a.out1, 0) * b.top_output_per_mtok)
-               / 1000000 AS baseline_usd,
-           extract(epoch FROM j.finished_at - a.first_at) * 1000 AS latency_ms
-    FROM jobs j
-    JOIN batches b ON b.id = j.batch_id
-    LEFT JOIN LATERAL (
-        SELECT sum(input_tokens) FILTER (WHERE tier = 1) AS in1,
-               sum(output_tokens) FILTER (WHERE tier = 1) AS out1,
-               min(created_at) AS first_at
-        FROM attempts WHERE job_id = j.id
-    ) a ON true
-)
-SELECT task_type,
-       count(*) AS jobs,
-       count(*) FILTER (WHERE finished) AS finished,
-       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE finished AND tier > 1)::numeric
-           / nullif(count(*) FILTER (WHERE finished), 0) AS escalation_rate,
-       count(*) FILTER (WHERE finished AND tier >= 2)::numeric
-           / nullif(count(*) FILTER (WHERE finished), 0) AS tier2_rate,
-       count(*) FILTER (WHERE finished AND tier >= 3)::numeric
-           / nullif(count(*) FILTER (WHERE finished), 0) AS tier3_rate,
-       avg(cost_usd) FILTER (WHERE finished) AS avg_cost_usd,
-       avg(baseline_usd) FILTER (WHERE finished) AS baseline_cost_usd,
-       100 * (1 - sum(cost_usd) FILTER (WHERE finished)
-                  / nullif(sum(baseline_usd) FILTER (WHERE finished), 0)) AS savings_pct,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE finished) AS p50_latency_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) FILTER (WHERE finished) AS p95_latency_ms,
-       sum(cost_usd) AS total_cost_usd
-FROM per_job
-GROUP BY task_type;
-"""
+
+def _escalation_stats_0002() -> str:
+    views = importlib.import_module("migrations.versions.0002_views").VIEWS
+    start = views.index("CREATE VIEW escalation_stats")
+    end = views.index(";", views.index("GROUP BY task_type", start)) + 1
+    return "\n" + views[start:end].replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1) + "\n"
+
+#: The view as migration 0002 defines it (the baseline; also what DOWNGRADE restores), read from that migration.
+OLD_VIEW = _escalation_stats_0002()
+
 
 UPGRADE = """
 -- Writers (stages, producer, sweeper) wait while the summary is built, so no change slips between the
