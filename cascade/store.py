@@ -185,7 +185,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None, pre_ping: bool = True) -> Engine:
     """An engine for ``url``; ``schema`` sets the search_path (tests give each run its own schema)."""
     args: dict[str, Any] = {"application_name": f"cascade:{schema}" if schema else "cascade"}  # Any: driver args
     if schema:
@@ -194,7 +194,7 @@ def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None) -> E
         normalize_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         connect_args=args,
     )
 

@@ -33,7 +33,9 @@ def context() -> StageContext:
             raise RuntimeError("CASCADE_DATABASE_URL is not set")
         pool = max(4, min(64, int(app.conf.worker_concurrency or 4) // 4))
         _context = StageContext(
-            engine=make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema),
+            # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
+            # DBAPIError, which the tasks retry (RETRY below).
+            engine=make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False),
             publisher=CeleryPublisher(app),
             providers=ProviderPool(),
             settings=settings,

@@ -161,11 +161,11 @@ def test_timeout_is_explicit(make_provider: Callable[[Handler], ChatProvider]) -
     # Given a model with timeout_s 7
     provider = make_provider(answering(completion_body("ok")))
 
-    # When its client is built
-    timeout = provider._client.timeout
+    # When its clients are built
+    timeouts = {(c.timeout.read, c.timeout.connect) for c in provider._clients}
 
-    # Then reads wait 7 s and connects at most 7 s
-    assert (timeout.read, timeout.connect) == (7.0, 7.0)
+    # Then every one reads 7 s and connects at most 7 s
+    assert timeouts == {(7.0, 7.0)}
 
 
 # --- the response ------------------------------------------------------------------------------------
