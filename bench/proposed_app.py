@@ -1,6 +1,6 @@
 """The real worker app with the proposed hot-path changes applied, to measure their gain before they are made:
-`celery -A bench.proposed_app worker ...`. Benchmarks only; every change here is a proposal in
-docs/benchmarks.md for its owner's module:
+`celery -A bench.proposed_app worker ...`. Benchmarks only. Changes 1-3 below have landed in cascade/ (they are
+kept here as history of what was measured); what this module still applies is change 4:
 
 1. ``worker_prefetch_multiplier = 4`` (cascade/publish.py ``celery_config``). Under gevent, Pool.spawn blocks
    at the pool size, so a worker still holds at most concurrency + 1 messages (CELERY-NOTES §3); but with a
@@ -18,66 +18,14 @@ docs/benchmarks.md for its owner's module:
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
-from typing import Any
 
-import httpx
-
-from cascade import providers, publish, store
-
-SHARDS = 16
+from cascade import publish
 
 if os.environ.get("BENCH_PUBLISH_ALL_BULK") == "1":
     publish.BULK_MIN = 1
 
-_make_engine = store.make_engine
-
-
-def _make_engine_without_ping(url: str, **kw: Any) -> Any:  # Any: make_engine's arguments and engine
-    engine = _make_engine(url, **kw)
-    engine.pool._pre_ping = False
-    return engine
-
-
-store.make_engine = _make_engine_without_ping  # before workers.tasks binds the name
-
-
-class _Sharded:
-    """Looks like the one httpx.Client ChatProvider uses; sends each request through the next of SHARDS."""
-
-    def __init__(self, clients: list[httpx.Client]) -> None:
-        self.clients = clients
-        self._turn: Iterator[httpx.Client] = itertools.cycle(clients)
-
-    def stream(self, *args: Any, **kw: Any) -> AbstractContextManager[httpx.Response]:  # Any: httpx's
-        return next(self._turn).stream(*args, **kw)
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
-
-
-_init = providers.ChatProvider.__init__
-
-
-def _sharded_init(self: providers.ChatProvider, config: Any, *, transport: Any = None) -> None:  # Any: as above
-    _init(self, config, transport=transport)
-    first = self._client
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-    clients = [httpx.Client(transport=transport, headers=first.headers, timeout=first.timeout, limits=limits)
-               for _ in range(SHARDS)]
-    first.close()
-    self._client = _Sharded(clients)  # type: ignore[assignment]
-
-
-providers.ChatProvider.__init__ = _sharded_init  # type: ignore[method-assign]
-
-import workers.tasks  # noqa: F401  (registers the tasks, with the patched make_engine)
+import workers.tasks  # noqa: F401  (registers the tasks)
 from workers.app import app
-
-app.conf.worker_prefetch_multiplier = 4
 
 __all__ = ["app"]
