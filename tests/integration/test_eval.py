@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
-from types import SimpleNamespace
 
-import httpx
 import pytest
 import typer
 import yaml
@@ -16,10 +14,8 @@ from typer.testing import CliRunner
 from cascade import evaluation
 from cascade.cli_eval import eval_command
 from cascade.config import TaskSnapshot, load_config
-from cascade.providers import ProviderPool
 from cascade.publish import CeleryPublisher
 from cascade.sim import load_recordings
-from cascade.stages import _request, plan_groups
 
 pytestmark = pytest.mark.integration
 
@@ -146,24 +142,6 @@ def test_n_samples_in_one_call_and_separate_calls_give_the_same_votes_with_diffe
     assert sep_run.metrics.cost_usd - n_run.metrics.cost_usd == 8 * 2 * 100 * Decimal("0.001")
 
 
-def _stages_index_variants() -> bool:
-    """Whether the call stage tells the sim where in its variant a request starts (X-Cascade-Variant-Sample)."""
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"choices": []})
-
-    snap = _mixture()
-    _, second = plan_groups(snap.tier(1), {"question": "q"}, set())
-    pool = ProviderPool(transport=httpx.MockTransport(handler))
-    try:
-        _request(SimpleNamespace(providers=pool), snap, snap.tier(1), second)  # type: ignore[arg-type]
-    finally:
-        pool.close()
-    return seen[0].headers.get("X-Cascade-Variant-Sample") == "0"
-
-
 def _mixture() -> TaskSnapshot:
     variants = [{"name": "cot", "prompt": "Think: {question}", "samples": 2},
                 {"name": "pot", "prompt": "Code: {question}", "samples": 2}]
@@ -172,9 +150,6 @@ def _mixture() -> TaskSnapshot:
         "task_type": {**task, "schema": SCHEMA}, "models": {m["name"]: m for m in MODELS}})
 
 
-@pytest.mark.xfail(not _stages_index_variants(), strict=True,
-                   reason="stages.py does not send X-Cascade-Variant-Sample yet: the second variant is served "
-                          "its recording from the global sample index")
 def test_prompt_variants_are_voted_together_from_their_own_recorded_samples(env, sim, workers, tmp_path):
     # Given a tier voting two prompts (2 + 2 samples), each recorded with 4 samples of its own, where only the
     # first two of each agree
