@@ -304,7 +304,7 @@ def _retry(ctx: StageContext, tier: ResolvedTier, work: _Work, exc: ProviderErro
         attempt=work.limited if limited else work.failed, max_retries=tier.model.max_retries,
         retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
         max_inline_wait_s=ctx.settings.max_inline_wait_s)
-    out.error_kind, out.error_detail = exc.kind, _pg_text(str(exc))
+    out.error_kind, out.error_detail = exc.kind, store.pg_text(str(exc))
     if step.action is RequestAction.GIVE_UP:
         return False
     if step.action is RequestAction.DEFER:
@@ -328,27 +328,9 @@ def _commit_rows(ctx: StageContext, out: _Outcome) -> None:
     out.rows.clear()
 
 
-def _pg_text(value: str) -> str:
-    """Text Postgres accepts: no NUL character, no lone surrogate (either one fails the whole transaction)."""
-    if not value.isascii():
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value.replace("\x00", "\ufffd")
-
-
-def _pg_json(value: Any) -> Any:  # Any: a parsed JSON value
-    """A JSON value jsonb accepts (strings and keys as in ``_pg_text``)."""
-    if isinstance(value, str):
-        return _pg_text(value)
-    if isinstance(value, list):
-        return [_pg_json(item) for item in value]
-    if isinstance(value, dict):
-        return {_pg_text(str(key)): _pg_json(item) for key, item in value.items()}
-    return value
-
-
 def _failed_row(attempt_id: int, exc: ProviderError, latency_ms: int) -> dict[str, Any]:  # Any: parameters
     return {"id": attempt_id, "latency_ms": latency_ms, "input_tokens": 0, "output_tokens": 0,
-            "cost_usd": Decimal(0), "error": exc.kind, "detail": _pg_text(str(exc)[:500]), "response": None}
+            "cost_usd": Decimal(0), "error": exc.kind, "detail": store.pg_text(str(exc)[:500]), "response": None}
 
 
 def _stored_cap(snap: TaskSnapshot) -> int:
@@ -359,7 +341,7 @@ def _answer_row(attempt_id: int, snap: TaskSnapshot, tier: ResolvedTier, group: 
                 done: Completion) -> dict[str, Any]:  # Any: parameters
     """The answered request's row. Contents longer than the cap are cut (they fail as too_long)."""
     cap = _stored_cap(snap)
-    contents = [_pg_text(c[:cap]) if c is not None else None for c in done.contents[: group.n]]
+    contents = [store.pg_text(c[:cap]) if c is not None else None for c in done.contents[: group.n]]
     cut = [f"sample {group.sample + i}: {len(c)} chars, stored {cap}"
            for i, c in enumerate(done.contents[: group.n]) if c is not None and len(c) > cap]
     return {
@@ -427,18 +409,18 @@ def _apply_verdict(conn: Any, snap: TaskSnapshot, held: Claim, verdict: validate
     """Record the verdict and move the job as the policy says (same transaction)."""
     store.record_validation(conn, {
         "job_id": held.job_id, "tier": held.tier, "model": snap.tier(held.tier).model.name,
-        "passed": verdict.passed, "reasons": json.dumps(_pg_json([r.to_json() for r in verdict.reasons])),
+        "passed": verdict.passed, "reasons": json.dumps(store.pg_json([r.to_json() for r in verdict.reasons])),
         "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
     })
     step = after_verdict(verdict.passed, held.tier, snap.tier_count)
     if step.action is Action.ACCEPT:
-        output = json.dumps(_pg_json(verdict.result))
+        output = json.dumps(store.pg_json(verdict.result))
         moved = store.move(conn, held, status=JobStatus.SUCCEEDED, tier=held.tier, stage=Stage.VALIDATE,
                            output_json=output)
         return moved, []
     if step.action is Action.ESCALATE:
         moved = store.move(conn, held, status=JobStatus.QUEUED, tier=step.tier, stage=Stage.CALL)
         return moved, [(held.job_id, step.tier, Stage.CALL)]
-    error = _pg_text("; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000])
+    error = store.pg_text("; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000])
     return store.move(conn, held, status=JobStatus.FAILED, tier=held.tier, stage=Stage.VALIDATE, error=error), []
 
