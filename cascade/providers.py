@@ -7,7 +7,6 @@ translates httpx's errors into cascade's, once, at the edge.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -29,8 +28,6 @@ from cascade.errors import (
 
 __all__ = ["ChatProvider", "Completion", "Message", "Provider", "ProviderPool"]
 
-#: Connection pools per model and process (each at most 64 connections).
-CLIENT_SHARDS = 16
 #: Bodies larger than this are cut off: a model answering megabytes must not exhaust a worker.
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -83,23 +80,35 @@ class ChatProvider:
             headers["Authorization"] = f"Bearer {key}"
             self._secret = key
         self._url = config.base_url.rstrip("/") + "/chat/completions"
-        # Several small connection pools taken in turn: httpcore walks every connection of its pool on each
-        # request and response, so one pool of hundreds of connections became a worker's top cost under
-        # gevent (bench: a bare HTTP task at -c 256 went from 111 to 484 calls/s with 16 pools).
-        self._clients = [
-            httpx.Client(
-                transport=transport,
-                headers=headers,
-                timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            )
-            for _ in range(CLIENT_SHARDS)
-        ]
-        self._turn = itertools.cycle(self._clients)
+        self._client_args: dict[str, Any] = {  # Any: httpx.Client keyword arguments
+            "transport": transport,
+            "headers": headers,
+            "timeout": httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+            "limits": httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            # One certificate store for every client: loading it costs ~20 ms per client.
+            "verify": httpx.create_ssl_context(),
+        }
+        # A free list of one-connection clients: a request takes one, uses it alone and puts it back, so the
+        # list grows to the process's peak of concurrent requests. httpcore walks every connection of a pool
+        # (polling each idle socket) on every request and response; with hundreds of connections in one pool
+        # that walk was a gevent worker's top cost (0.96 → 0.62 ms of client CPU per call at 256 in flight,
+        # docs/benchmarks.md). LIFO keeps warm connections in use.
+        self._idle: list[httpx.Client] = []
+        self._clients: list[httpx.Client] = []
+
+    def _checkout(self) -> httpx.Client:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            client = httpx.Client(**self._client_args)
+            self._clients.append(client)
+            return client
 
     def close(self) -> None:
         for client in self._clients:
             client.close()
+        self._clients.clear()
+        self._idle.clear()
 
     def complete(
         self,
@@ -132,8 +141,9 @@ class ChatProvider:
         return cls(message, model=self.config.name, url=self._url, status=status)
 
     def _post(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+        client = self._checkout()
         try:
-            with next(self._turn).stream("POST", self._url, json=body, headers=headers) as response:
+            with client.stream("POST", self._url, json=body, headers=headers) as response:
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in response.iter_bytes():
@@ -152,6 +162,8 @@ class ChatProvider:
             raise err from exc
         except httpx.HTTPError as exc:  # DecodingError (a bad Content-Encoding), StreamError, ...
             raise self._error(ProviderBadResponse, f"unreadable response: {type(exc).__name__}") from exc
+        finally:
+            self._idle.append(client)
 
     def _raise_for_status(self, status: int, raw: bytes, retry_after: str | None) -> None:
         if status < 400:

@@ -161,11 +161,47 @@ def test_timeout_is_explicit(make_provider: Callable[[Handler], ChatProvider]) -
     # Given a model with timeout_s 7
     provider = make_provider(answering(completion_body("ok")))
 
-    # When its clients are built
+    # When a request has gone out
+    provider.complete([{"role": "user", "content": "hi"}], n=1, max_tokens=8, temperature=0,
+                      response_format=None, headers={})
     timeouts = {(c.timeout.read, c.timeout.connect) for c in provider._clients}
 
     # Then every one reads 7 s and connects at most 7 s
     assert timeouts == {(7.0, 7.0)}
+
+
+def test_concurrent_requests_use_their_own_client_and_sequential_ones_reuse_it(
+        make_provider: Callable[[Handler], ChatProvider]) -> None:
+    # Given a server that holds every request until three are in flight
+    import threading
+
+    arrived = threading.Barrier(3, timeout=10)
+    sequential = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if not sequential.is_set():
+            arrived.wait()
+        return answering(completion_body("ok"))(request)
+
+    provider = make_provider(handler)
+
+    def send() -> None:
+        provider.complete([{"role": "user", "content": "hi"}], n=1, max_tokens=8, temperature=0,
+                          response_format=None, headers={})
+
+    # When three requests go out at once, then three one after another
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sequential.set()
+    for _ in range(3):
+        send()
+
+    # Then each concurrent request had a client of its own (one connection each), and later ones reused them
+    assert len(provider._clients) == 3
+    assert sorted(map(id, provider._idle)) == sorted(map(id, provider._clients))
 
 
 # --- the response ------------------------------------------------------------------------------------
