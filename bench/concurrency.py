@@ -1,15 +1,20 @@
 """Benchmark 2, I/O concurrency: sim latency 200 ms, one worker process per queue (tier1 under test, validate
 beside it). Does one process keep ≥ 256 model calls in flight, and reach ≥ 80 % of slots ÷ latency?
 
-Run for single samples (``-c 256``: 256 calls) and self-consistency (three samples sent as three concurrent
-requests, supports_n false; ``-c 86``: 258 calls), each on the gevent and the threads pool. In-flight calls
-and completed calls are read from the sim's own counters (``/stats``) every 100 ms over a steady window. The
-baseline row is a bare Celery task that makes one HTTP call (bench.bare, gevent -c 256): the ceiling of
-Celery + sim on this machine without any cascade bookkeeping.
+A tier1 worker holds ``-c`` messages of ``jobs_per_message`` jobs, each job ``samples`` concurrent requests:
+slots = c × jobs per message × samples. Run for single samples (-c 16 × 16 jobs: 256 calls) and
+self-consistency (three samples sent as three concurrent requests, supports_n false; -c 11 × 8 jobs × 3: 264
+calls) on the gevent pool, single also on the threads pool and with one job per message (-c 256, the
+per-message path). In-flight and completed calls are read from the sim's own counters (``/stats``) every
+100 ms over a steady window. Baselines, same sim, same window: the HTTP client alone (bench.httpload: 256
+greenlets calling through ChatProvider, no Celery, no Postgres: the physical bound of this machine), and a
+bare Celery task making one call through ChatProvider (bench.bare, gevent -c 256: Celery's per-message
+ceiling).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +38,11 @@ class Variant:
     samples: int
     pool: str
     concurrency: int
-    app: str = "workers.app"
+    per_message: int
 
     @property
     def slots(self) -> int:
-        return self.samples * self.concurrency
+        return self.samples * self.concurrency * self.per_message
 
     @property
     def ideal(self) -> float:
@@ -47,8 +52,7 @@ class Variant:
     @property
     def label(self) -> str:
         kind = "single" if self.samples == 1 else f"self-consistency k={self.samples}"
-        proposed = ", proposed changes" if self.app != "workers.app" else ""
-        return f"{self.pool} -c {self.concurrency}, {kind}{proposed}"
+        return f"{self.pool} -c {self.concurrency} × {self.per_message} jobs/message, {kind}"
 
 
 @dataclass
@@ -87,20 +91,21 @@ def _reset(box: Scratch) -> None:
 
 def run_variant(box: Scratch, sim: Sim, v: Variant, *, warmup: float, window: float) -> Window:
     jobs = int(v.ideal / v.samples * (warmup + window) * 1.2) + 50
-    submit(box, v.task, jobs)
-    tag = f"{v.pool}-{v.task}-{v.app}"
-    validate = box.worker("validate", name=f"validate-{tag}", app=v.app, concurrency=256)
-    tier1 = box.worker("tier1", name=f"tier1-{tag}", app=v.app, pool=v.pool, concurrency=v.concurrency)
+    submit(box, v.task, jobs, jobs_per_message=v.per_message)
+    tag = f"{v.pool}-{v.task}-{v.per_message}"
+    per_message = str(v.per_message)
+    validate = box.worker("validate", name=f"validate-{tag}", concurrency=64, CASCADE_JOBS_PER_MESSAGE=per_message)
+    tier1 = box.worker("tier1", name=f"tier1-{tag}", pool=v.pool, concurrency=v.concurrency,
+                       CASCADE_JOBS_PER_MESSAGE=per_message)
     try:
-        return measure(sim, warmup, window, CpuMeter(box, {"tier1 worker": [tier1.pid]}))
+        return measure(sim, warmup, window, CpuMeter(box, {"tier1 worker": [tier1.pid], "sim": [sim.pid]}))
     finally:
         box.stop(tier1)
         box.stop(validate)
         _reset(box)
 
 
-def run_bare(box: Scratch, sim: Sim, *, concurrency: int, warmup: float, window: float,
-             proposed: bool = False) -> Window:
+def run_bare(box: Scratch, sim: Sim, *, concurrency: int, warmup: float, window: float) -> Window:
     app = bare_app(box)
     body: dict[str, Any] = {"model": "fast", "messages": [{"role": "user", "content": "Text 1: bare"}],  # Any: JSON
                             "max_tokens": 16}
@@ -110,40 +115,48 @@ def run_bare(box: Scratch, sim: Sim, *, concurrency: int, warmup: float, window:
             app.send_task("bare.http", args=[sim.url + "/chat/completions", body], queue="barehttp",
                           producer=producer)
     app.close()
-    extra, env = (("--prefetch-multiplier", "4"), {"BENCH_HTTP": "httpx-shard"}) if proposed else ((), {})
-    worker = box.worker("barehttp", name=f"bare-http-{proposed}", app="bench.bare", concurrency=concurrency,
-                        extra=extra, **env)
+    worker = box.worker("barehttp", name="bare-http", app="bench.bare", concurrency=concurrency)
     try:
-        return measure(sim, warmup, window)
+        return measure(sim, warmup, window, CpuMeter(box, {"worker": [worker.pid], "sim": [sim.pid]}))
     finally:
         box.stop(worker)
         box.delete_keys()
 
 
+def run_client(box: Scratch, sim: Sim, *, calls: int, warmup: float, window: float) -> Window:
+    load = box.start([sys.executable, "-m", "bench.httpload", sim.url, str(calls), str(warmup + window + 2)],
+                     "httpload")
+    try:
+        return measure(sim, warmup, window, CpuMeter(box, {"client": [load.pid], "sim": [sim.pid]}))
+    finally:
+        box.stop(load)
+
+
 def variants(tiny: bool) -> list[Variant]:
-    c1, c3 = (16, 6) if tiny else (MIN_IN_FLIGHT, -(-MIN_IN_FLIGHT // 3))
-    shipped = [Variant(task, k, pool, c) for pool in ("gevent", "threads") for task, k, c in
-               (("single", 1, c1), ("sc3", 3, c3))]
-    proposed = [Variant(task, k, "gevent", c, app="bench.proposed_app") for task, k, c in
-                (("single", 1, c1), ("sc3", 3, c3))]
     if tiny:  # the smoke test checks that the benchmark runs, not its numbers
-        return [shipped[3], proposed[0]]
-    return shipped + proposed
+        return [Variant("single", 1, "gevent", 4, 4), Variant("sc3", 3, "gevent", 2, 3)]
+    return [Variant("single", 1, "gevent", 16, 16), Variant("sc3", 3, "gevent", 11, 8),
+            Variant("single", 1, "threads", 16, 16), Variant("single", 1, "gevent", 256, 1)]
 
 
 def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row]:
     warmup, window = (0.5, 0.5) if tiny else (3.0, 6.0)
     slots = 16 if tiny else 256
+    ideal = slots / (LATENCY_MS / 1000)
     rows: list[Row] = []
     with scratch(svc, "concurrency") as box:
         sim = box.sim({name: {"latency_ms": LATENCY_MS} for name in ("fast", "fast_non")})
         box.write_config(config(sim.url))
-        for proposed in (True,) if tiny else (False, True):
-            bare = run_bare(box, sim, concurrency=slots, warmup=warmup, window=window, proposed=proposed)
-            what = "16 sharded httpx clients, prefetch 4" if proposed else "one httpx client as ChatProvider's"
-            rows.append(Row(f"2 I/O baseline: bare Celery HTTP task, gevent -c {slots}, {what}", bare.calls_per_s,
-                            slots / (LATENCY_MS / 1000), "calls/s", "report", None,
-                            f"mean in flight {bare.mean_in_flight:.0f} of {slots}"))
+        client = run_client(box, sim, calls=slots, warmup=warmup, window=window)
+        rows.append(Row(f"2 I/O baseline: HTTP client alone, {slots} greenlets (bench.httpload)", client.calls_per_s,
+                        ideal, "calls/s", "report", None,
+                        f"mean in flight {client.mean_in_flight:.0f}; CPU ms per call: "
+                        + CpuMeter.describe(client.cpu_ms, ("client", "sim"))))
+        bare = run_bare(box, sim, concurrency=slots, warmup=warmup, window=window)
+        rows.append(Row(f"2 I/O baseline: bare Celery task, one HTTP call, gevent -c {slots}", bare.calls_per_s,
+                        ideal, "calls/s", "report", None,
+                        f"mean in flight {bare.mean_in_flight:.0f}; CPU ms per call: "
+                        + CpuMeter.describe(bare.cpu_ms, ("worker", "sim"))))
         for v in variants(tiny):
             w = run_variant(box, sim, v, warmup=warmup, window=window)
             rows += [
@@ -152,6 +165,6 @@ def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row
                     f"mean over {window:g} s at the sim; peak {w.peak_in_flight}"),
                 Row(f"2 I/O {v.label}: calls/s vs slots÷latency", w.calls_per_s, v.ideal, "calls/s",
                     f"ratio ≥ {TARGET}", w.calls_per_s >= TARGET * v.ideal,
-                    "CPU ms per call: " + CpuMeter.describe(w.cpu_ms, ("tier1 worker", "postgres", "redis"))),
+                    "CPU ms per call: " + CpuMeter.describe(w.cpu_ms, ("tier1 worker", "postgres", "redis", "sim"))),
             ]
     return rows

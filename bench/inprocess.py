@@ -26,7 +26,8 @@ from sqlalchemy import Engine, event
 from bench.harness import Scratch
 from bench.workload import ListPublisher, submit
 from cascade.providers import ProviderPool
-from cascade.stages import StageContext, run_call, run_validate
+from cascade.publish import messages
+from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import Stage, make_engine
 
 __all__ = ["Trips", "run_stages", "traced_engine"]
@@ -114,17 +115,20 @@ class StageRun:
     profile: str = ""
 
 
-def run_stages(box: Scratch, task: str, n: int, *, profile: bool = False) -> StageRun:
-    """Submit ``n`` jobs, then run each one's call and validate stages in this process, one job at a time.
+def run_stages(box: Scratch, task: str, n: int, *, per_message: int, profile: bool = False) -> StageRun:
+    """Submit ``n`` jobs, then run their stages in this process, ``per_message`` job ids per message as the
+    workers get them, one message at a time.
 
     One job runs first on an untraced engine (snapshot cache, HTTP keep-alive); the rest are traced.
     """
     publisher = ListPublisher()
     submit(box, task, n + 1, publisher)
+    rest, publisher.sent[:] = publisher.sent[1:], publisher.sent[:1]
     providers = ProviderPool()
     warm = StageContext(engine=box.engine, publisher=publisher, providers=providers, settings=box.settings())
-    run_one_job(warm, publisher)
-    directory = box.workdir / f"trace-{task}"
+    drain(warm, publisher, 1)
+    publisher.sent[:] = rest
+    directory = box.workdir / f"trace-{task}-{per_message}"
     with traced_engine(box, directory) as engine:
         ctx = StageContext(engine=engine, publisher=publisher, providers=providers, settings=box.settings(),
                            _snapshots=warm._snapshots)
@@ -132,8 +136,7 @@ def run_stages(box: Scratch, task: str, n: int, *, profile: bool = False) -> Sta
         started = time.perf_counter()
         if prof:
             prof.enable()
-        while publisher.sent:
-            run_one_job(ctx, publisher)
+        drain(ctx, publisher, per_message)
         if prof:
             prof.disable()
         seconds = time.perf_counter() - started
@@ -146,12 +149,10 @@ def run_stages(box: Scratch, task: str, n: int, *, profile: bool = False) -> Sta
     return StageRun(n, read_dir(directory), seconds, text)
 
 
-def run_one_job(ctx: StageContext, publisher: ListPublisher) -> None:
-    """Run the first due message and every message it leads to, until the job is done."""
-    queue = [publisher.sent.pop(0)]
-    while queue:
-        job_id, tier, stage = queue.pop(0)
-        before = len(publisher.sent)
-        (run_call if stage is Stage.CALL else run_validate)(ctx, job_id, tier)
-        queue.extend(publisher.sent[before:])
-        del publisher.sent[before:]
+def drain(ctx: StageContext, publisher: ListPublisher, per_message: int) -> None:
+    """Run every due message, and the messages they lead to, until nothing is due."""
+    while publisher.sent:
+        batch = messages(publisher.sent, per_message)
+        publisher.sent.clear()
+        for ids, tier, stage in batch:
+            (run_calls if stage is Stage.CALL else run_validates)(ctx, ids, tier)

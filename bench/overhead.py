@@ -1,10 +1,10 @@
 """Benchmark 1, overhead: jobs/s through tier1 → validate → done with an instant model (sim, 0 ms), against a
 bare Celery chain of three no-op tasks on the same Redis with the same pool settings (one gevent worker,
 -c 256, cascade's Celery settings). Both queues are loaded first, then the worker starts; the rate is taken
-between 10 % and 90 % done (or over 25 s at most). Also reported: CPU per job by process; Postgres round
-trips per job (exact, from libpq's trace, stages run in-process) and Postgres time per job with today's
-statements and the proposed ones (bench.dbpath); row writes and Redis commands per job (server counters over
-the worker run). The same pair is run again with bench.proposed_app against a bare chain with prefetch 4.
+between 10 % and 90 % done (or over 25 s at most). Cascade runs as shipped (``jobs_per_message`` 16) and
+with one job per message (``CASCADE_JOBS_PER_MESSAGE=1``: what the per-message path costs). Also reported:
+CPU per job by process; Postgres round trips per job (exact, from libpq's trace, stages run in-process, for
+both message sizes); row writes and Redis commands per job (server counters over the worker run).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench import dbpath, inprocess
+from bench import inprocess
 from bench.cpu import CpuMeter
 from bench.harness import Row, Scratch, Services, scratch
 from bench.workload import Progress, bare_app, bare_chains, config, submit
+from cascade.config import CascadeSettings
 
 __all__ = ["run"]
 
@@ -88,22 +89,23 @@ def _drain(box: Scratch, worker: Any, count: Any, n: int, groups: dict[str, list
     return Drain(progress.rate(n), counters.scaled(done), meter.per_job_ms(done))
 
 
-def cascade_rate(box: Scratch, n: int, sim_pid: int, *, app: str, limit_s: float) -> Drain:
-    submit(box, "single", n)
-    worker = box.worker("tier1,validate", name=f"overhead-{app}", app=app, pool=POOL, concurrency=CONCURRENCY)
+def cascade_rate(box: Scratch, n: int, sim_pid: int, *, per_message: int, limit_s: float) -> Drain:
+    submit(box, "single", n, jobs_per_message=per_message)
+    worker = box.worker("tier1,validate", name=f"overhead-{per_message}", pool=POOL, concurrency=CONCURRENCY,
+                        CASCADE_JOBS_PER_MESSAGE=str(per_message))
     try:
         return _drain(box, worker, lambda: _finished(box), n, {"sim": [sim_pid]}, limit_s)
     finally:
         _reset(box)
 
 
-def bare_rate(box: Scratch, n: int, *, extra: tuple[str, ...], limit_s: float) -> Drain:
+def bare_rate(box: Scratch, n: int, *, limit_s: float) -> Drain:
     app = bare_app(box)
     bare_chains(app, n)
     app.close()
     client = box.redis()
-    worker = box.worker("bare1,bare2,bare3", name=f"overhead-bare{len(extra)}", app="bench.bare", pool=POOL,
-                        concurrency=CONCURRENCY, extra=extra)
+    worker = box.worker("bare1,bare2,bare3", name="overhead-bare", app="bench.bare", pool=POOL,
+                        concurrency=CONCURRENCY)
     try:
         return _drain(box, worker, lambda: int(client.get(box.prefix + "bench:done") or 0), n, {}, limit_s)
     finally:
@@ -118,40 +120,38 @@ def _reset(box: Scratch) -> None:
 
 
 def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row]:
-    n, limit = (100, 15.0) if tiny else (4000, 25.0)
-    proposed = ("--prefetch-multiplier", "4")
+    n, limit = (100, 15.0) if tiny else (6000, 25.0)
+    shipped = CascadeSettings.model_fields["jobs_per_message"].default
     with scratch(svc, "overhead") as box:
         sim = box.sim({"fast": {"latency_ms": 0}})
         box.write_config(config(sim.url))
-        bare = bare_rate(box, n, extra=(), limit_s=limit)
-        casc = cascade_rate(box, n, sim.pid, app="workers.app", limit_s=limit)
-        bare4 = bare_rate(box, n, extra=proposed, limit_s=limit)
-        casc4 = cascade_rate(box, n, sim.pid, app="bench.proposed_app", limit_s=limit)
-        stages = inprocess.run_stages(box, "single", 20 if tiny else 400, profile=profile)
-        paths = dbpath.compare(box, 10 if tiny else 300)
+        bare = bare_rate(box, n, limit_s=limit)
+        casc = cascade_rate(box, n, sim.pid, per_message=shipped, limit_s=limit)
+        one = cascade_rate(box, n // 3, sim.pid, per_message=1, limit_s=limit)
+        stages = inprocess.run_stages(box, "single", 32 if tiny else 480, per_message=shipped, profile=profile)
+        single = inprocess.run_stages(box, "single", 20 if tiny else 300, per_message=1)
     if profile:
         print(stages.profile)
-    trips = stages.trips.total / stages.jobs
-    kinds = ", ".join(f"{k} {v / stages.jobs:g}" for k, v in stages.trips.kinds.most_common())
     order = ("worker", "postgres", "sim", "redis")
-    settings = f"{POOL} -c {CONCURRENCY}, one worker for all queues"
+    settings = f"{POOL} -c {CONCURRENCY}, one worker for both queues"
+
+    def trips(run: inprocess.StageRun) -> str:
+        kinds = ", ".join(f"{k} {v / run.jobs:.2g}" for k, v in run.trips.kinds.most_common())
+        return f"{kinds}; {run.seconds / run.jobs * 1000:.2f} ms/job serial"
+
     return [
         Row("1 overhead: jobs/s tier1→validate→done (0 ms model)", casc.rate, bare.rate, "jobs/s",
             f"ratio ≥ {TARGET:.2f}", casc.rate >= TARGET * bare.rate,
-            f"{settings}; baseline: bare chain of 3 no-op tasks; shipped settings (prefetch multiplier 1)"),
-        Row("1 overhead, proposed changes: jobs/s", casc4.rate, bare4.rate, "jobs/s", f"ratio ≥ {TARGET:.2f}",
-            casc4.rate >= TARGET * bare4.rate, "bench.proposed_app (prefetch 4, sharded httpx, no pre-ping) vs "
-            "the bare chain with prefetch 4"),
+            f"{settings}, {shipped} jobs per message (shipped); baseline: bare chain of 3 no-op tasks"),
+        Row("1 overhead, one job per message: jobs/s", one.rate, bare.rate, "jobs/s", "report", None,
+            f"{settings}, CASCADE_JOBS_PER_MESSAGE=1 (the per-message path alone; {n // 3} jobs)"),
         Row("1 overhead: CPU ms per job, all processes", sum(casc.cpu_ms.values()), sum(bare.cpu_ms.values()),
             "CPU ms", "report", None, f"cascade: {CpuMeter.describe(casc.cpu_ms, order)}; "
-            f"bare: {CpuMeter.describe(bare.cpu_ms, order)}; proposed: {CpuMeter.describe(casc4.cpu_ms, order)}"),
-        Row("1 overhead: Postgres round trips per job", trips, None, "round trips", "report", None,
-            f"in-process, libpq trace: {kinds}; {stages.seconds / stages.jobs * 1000:.2f} ms/job serial"),
-        Row("1 overhead: Postgres work per job, proposed SQL (same transactions)", paths[1].ms_per_job,
-            paths[0].ms_per_job, "ms", "report", None,
-            f"serial, in-process (bench/dbpath.py): round trips {paths[0].trips_per_job:.0f} → "
-            f"{paths[1].trips_per_job:.0f}; all-autocommit variant {paths[2].ms_per_job:.2f} ms, "
-            f"{paths[2].trips_per_job:.0f} round trips, 5 commits instead of 3"),
+            f"bare: {CpuMeter.describe(bare.cpu_ms, order)}; one per message: {CpuMeter.describe(one.cpu_ms, order)}"),
+        Row("1 overhead: Postgres round trips per job", stages.trips.total / stages.jobs,
+            single.trips.total / single.jobs, "round trips", "report", None,
+            f"libpq trace, stages in-process; baseline column: one job per message. {shipped} per message: "
+            f"{trips(stages)}. One per message: {trips(single)}"),
         Row("1 overhead: Postgres rows written per job", casc.counters.pg_writes, None, "rows", "report", None,
             "pg_stat_database tup_inserted+updated+deleted over the worker run"),
         Row("1 overhead: Redis commands per job", casc.counters.redis_calls, bare.counters.redis_calls,

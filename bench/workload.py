@@ -55,9 +55,10 @@ class ListPublisher:
         return {}
 
 
-def submit(box: Scratch, task: str, n: int, publisher: Any = None) -> str:  # Any: a Publisher
+def submit(box: Scratch, task: str, n: int, publisher: Any = None, *,  # Any: a Publisher
+           jobs_per_message: int | None = None) -> str:
     """Insert and publish ``n`` jobs of ``task`` the way `cascade submit` does; returns the batch id."""
-    settings = box.settings()
+    settings = box.settings(**({"jobs_per_message": jobs_per_message} if jobs_per_message else {}))
     snap = load_config(settings.config).snapshot(task)
     own = publisher is None
     pub = CeleryPublisher.connect(settings, box.services.broker_url) if own else publisher
@@ -103,8 +104,9 @@ class Progress:
             time.sleep(poll)
 
     def rate(self, total: int, lo: float = 0.1, hi: float = 0.9) -> float:
-        """Finished per second from when ``lo`` of ``total`` were done until ``hi`` were (or the last sample)."""
-        start = next(((t, d) for t, d in self.samples if d >= lo * total), None)
+        """Finished per second from the last sample at or below ``lo`` of ``total`` to the first at or above
+        ``hi`` (or the last sample): whole messages finish at once, so counts move in steps."""
+        start = next(((t, d) for t, d in reversed(self.samples) if d <= lo * total), None)
         end = next(((t, d) for t, d in self.samples if d >= hi * total), self.samples[-1] if self.samples else None)
         if start is None or end is None or end[0] <= start[0]:
             return 0.0

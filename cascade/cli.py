@@ -232,7 +232,8 @@ def sweep(
     client = _client()
     while True:
         try:
-            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after))
+            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after,
+                                              jobs_per_message=client.settings.jobs_per_message))
         except (DBAPIError, BrokerError, OSError) as exc:
             if every is None:
                 raise

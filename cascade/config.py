@@ -323,6 +323,9 @@ class CascadeSettings(BaseSettings):
     stalled_after_s: float = 120.0
     # Celery's worker_prefetch_multiplier: see cascade.publish.celery_config (use 1 with prefork workers).
     prefetch_multiplier: int = 4
+    # Job ids per stage message: the jobs of a message share its Celery and Postgres costs and their requests
+    # go out together (a worker slot holds up to this many jobs; 1 gives one job per message).
+    jobs_per_message: int = Field(16, ge=1, le=1000)
     # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")

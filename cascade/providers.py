@@ -218,10 +218,10 @@ class ProviderPool:
 
     def __init__(self, *, transport: httpx.BaseTransport | None = None) -> None:
         self._transport = transport
-        self._providers: dict[tuple[str, str], ChatProvider] = {}
+        self._providers: dict[tuple[str, ModelConfig], ChatProvider] = {}
 
     def get(self, config: ModelConfig) -> ChatProvider:
-        key = (config.name, config.model_dump_json())
+        key = (config.name, config)  # ModelConfig is frozen: hashable, equal when every field is
         provider = self._providers.get(key)
         if provider is None:
             provider = self._providers[key] = ChatProvider(config, transport=self._transport)

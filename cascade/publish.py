@@ -1,6 +1,7 @@
 """Sends "job J is due at tier T, stage S" messages: the only module of the core that knows Celery.
 
-Messages carry ids, never rows, and are routed by ``queue=`` only (CELERY-NOTES §5: after a Redis
+Messages carry job ids (up to ``jobs_per_message`` per message, all due at one tier and stage), never
+rows, and are routed by ``queue=`` only (CELERY-NOTES §5: after a Redis
 FLUSHALL a publish through an exchange whose binding is gone is silently dropped; the anonymous
 exchange used for plain queue routing is not).
 """
@@ -30,9 +31,11 @@ __all__ = [
     "VALIDATE_TASK",
     "CeleryPublisher",
     "Due",
+    "Message",
     "Publisher",
     "all_queues",
     "celery_config",
+    "messages",
     "queue_for",
     "tier_queues",
 ]
@@ -45,11 +48,26 @@ SWEEP_TASK = "cascade.sweep"
 SWEEP_QUEUE = "sweep"
 MAX_TIERS = 3
 #: A publish of at least this many messages takes the bulk path on Redis (the producer's chunks, sweeps);
-#: smaller ones (a stage's next step) go through ``send_task`` with its signals and retry policy.
-BULK_MIN = 16
+#: smaller ones (a stage's next steps) go through ``send_task`` with its signals and retry policy.
+BULK_MIN = 8
 _LPUSH_CHUNK = 1000
 
 Due = tuple[int, int, Stage]  # (job id, tier, stage)
+#: One task message: job ids due at one (tier, stage).
+Message = tuple[list[int], int, Stage]
+
+
+def messages(due: Sequence[Due], jobs_per_message: int) -> list[Message]:
+    """Group dues into messages of at most ``jobs_per_message`` ids per (tier, stage), keeping their order."""
+    open_: dict[tuple[int, Stage], list[int]] = {}
+    out: list[Message] = []
+    for job_id, tier, stage in due:
+        ids = open_.get((tier, stage))
+        if ids is None or len(ids) >= jobs_per_message:
+            ids = open_[(tier, stage)] = []
+            out.append((ids, tier, stage))
+        ids.append(job_id)
+    return out
 
 
 def tier_queues(count: int = MAX_TIERS) -> list[str]:
@@ -68,7 +86,7 @@ def queue_for(tier: int, stage: Stage) -> str:
 
 class Publisher(Protocol):
     def publish(self, due: Sequence[Due]) -> None:
-        """Send one message per due (job, tier, stage)."""
+        """Send messages for the due (job, tier, stage)s: every one of them in some message."""
 
     def queue_lengths(self) -> dict[str, int]:
         """Messages waiting per queue in the broker (the sweeper compares them with Postgres)."""
@@ -116,8 +134,9 @@ def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:
 class CeleryPublisher:
     """Publishes through a Celery app (the worker's own, or a sending-only one for producers)."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, jobs_per_message: int = 1) -> None:
         self.app = app
+        self.jobs_per_message = jobs_per_message
         self._templates: dict[tuple[str, str], _Envelope] = {}
 
     @classmethod
@@ -126,40 +145,40 @@ class CeleryPublisher:
 
         app = Celery("cascade-producer", set_as_current=False)
         app.conf.update(celery_config(settings, broker_url))
-        return cls(app)
+        return cls(app, jobs_per_message=settings.jobs_per_message)
 
     def publish(self, due: Sequence[Due]) -> None:
-        """Send one task message per due (job, tier, stage).
+        """Send the dues as task messages of up to ``jobs_per_message`` job ids (``messages``).
 
         On Redis, ``BULK_MIN`` or more messages are pushed with one LPUSH per queue and chunk instead of
         one ``send_task`` each (about 20× faster); they are the same Celery protocol-2 messages, routed by
         queue only, but ``before/after_task_publish`` signals are not sent for them. If the bulk push fails
         the chunk is sent again message by message (a message sent twice is a no-op for the stages).
         """
-        if not due:
+        batch = messages(due, self.jobs_per_message)
+        if not batch:
             return
         with self.app.producer_or_acquire() as producer:
-            if len(due) >= BULK_MIN and _is_redis(producer):
+            if len(batch) >= BULK_MIN and _is_redis(producer):
                 errors = producer.connection.connection_errors + producer.connection.channel_errors
                 try:
-                    self._push(producer, due)
+                    self._push(producer, batch)
                     return
                 except errors as exc:  # a broken connection: the slow path has Celery's retry policy
-                    log.warning("bulk publish of %d messages failed (%r); sending them one by one", len(due), exc)
-            for job_id, tier, stage in due:
-                self.app.send_task(_task(stage), args=[job_id, tier], queue=queue_for(tier, stage),
-                                   producer=producer)
+                    log.warning("bulk publish of %d messages failed (%r); sending them one by one", len(batch), exc)
+            for ids, tier, stage in batch:
+                self.app.send_task(_task(stage), args=[ids, tier], queue=queue_for(tier, stage), producer=producer)
 
-    def _push(self, producer: Any, due: Sequence[Due]) -> None:  # Any: a kombu Producer
+    def _push(self, producer: Any, batch: Sequence[Message]) -> None:  # Any: a kombu Producer
         channel = producer.channel
         by_queue: dict[str, list[str]] = {}
-        for job_id, tier, stage in due:
+        for ids, tier, stage in batch:
             queue = queue_for(tier, stage)
             key = (_task(stage), queue)
             template = self._templates.get(key)
             if template is None:
                 template = self._templates[key] = _Envelope.build(self.app, channel, *key)
-            by_queue.setdefault(queue, []).append(template.render(job_id, tier))
+            by_queue.setdefault(queue, []).append(template.render(ids, tier))
         with channel.conn_or_acquire() as client:  # kombu's client adds global_keyprefix to each key
             pipe = client.pipeline(transaction=False)
             for queue, messages in by_queue.items():
@@ -202,7 +221,7 @@ class _Envelope:
 
     _ID, _TAG, _BODY = "@@cascade-id@@", "@@cascade-tag@@", "@@cascade-body@@"
     _JOB, _TIER = 987654321012345678, 876543219
-    _ARGS = f"{_JOB}, {_TIER}"
+    _ARGS = f"[{_JOB}], {_TIER}"
     _HOLES = re.compile("|".join(re.escape(h) for h in (_ID, _TAG, _BODY, _ARGS)))
 
     def __init__(self, parts: list[str], holes: list[str], body: tuple[str, str], encoding: str) -> None:
@@ -213,7 +232,7 @@ class _Envelope:
         from kombu.serialization import dumps as serialize
         from kombu.utils.json import dumps as to_json
 
-        task = app.amqp.create_task_message(cls._ID, name, [cls._JOB, cls._TIER], {}, reply_to=app.thread_oid,
+        task = app.amqp.create_task_message(cls._ID, name, [[cls._JOB], cls._TIER], {}, reply_to=app.thread_oid,
                                             ignore_result=None)
         content_type, content_encoding, data = serialize(task.body, serializer="json")
         message = channel.prepare_message(data, 0, content_type, content_encoding, task.headers,
@@ -226,8 +245,8 @@ class _Envelope:
         pre, _, post = data.partition(cls._ARGS)
         return cls(cls._HOLES.split(text), cls._HOLES.findall(text), (pre, post), encoding)
 
-    def render(self, job_id: int, tier: int) -> str:
-        args = f"{job_id}, {tier}"
+    def render(self, job_ids: list[int], tier: int) -> str:
+        args = f"[{', '.join(map(str, job_ids))}], {tier}"
         data = (self.body[0] + args + self.body[1]).encode()
         body = base64.b64encode(data).decode() if self.encoding == "base64" else data.decode()
         values = {self._ID: str(uuid.uuid4()), self._TAG: str(uuid.uuid4()), self._BODY: body, self._ARGS: args}

@@ -1,8 +1,10 @@
-"""Runs one stage of one job: claim, call or validate, record, decide, publish.
+"""Runs one stage of the jobs of one message: claim, call or validate, record, decide, publish.
 
 What a Celery task calls, and what tests can call without Celery. Postgres is the truth: a stage
-claims the job with a conditional UPDATE, records its work and moves the job in one transaction,
-and publishes only after that commit, so a lost or duplicated message never changes a result.
+claims its jobs with one conditional UPDATE, records their work and moves them in one transaction,
+and publishes only after that commit, so a lost or duplicated message never changes a result. A message
+carries up to ``jobs_per_message`` job ids: their requests go out concurrently and their rows are written
+with one statement per kind, so Celery's and Postgres's per-message costs are shared by those jobs.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 from cascade import store, validate
 from cascade.config import CascadeSettings, Length, ResolvedTier, TaskSnapshot, render
@@ -28,22 +31,14 @@ from cascade.publish import Due, Publisher
 from cascade.ratelimit import UNLIMITED, RateLimiter, RedisRateLimiter, Reservation
 from cascade.store import Claim, JobStatus, Stage
 
-__all__ = ["Group", "StageContext", "judge", "plan_groups", "run_call", "run_validate"]
+__all__ = ["Group", "StageContext", "judge", "plan_groups", "run_call", "run_calls", "run_validate",
+           "run_validates"]
 
 log = logging.getLogger(__name__)
 
 #: Longest stored content of one sample. A longer answer is cut to ``min(this, max_chars + 1)`` chars
 #: and always fails as ``too_long`` (``judge`` never allows more than this minus one).
 MAX_STORED_CHARS = 1_000_000
-
-#: Failed requests of earlier claims of a tier (a deferred retry), per request group: retries and
-#: backoff continue where they stopped instead of starting over after every deferral.
-_FAILURES = text("""
-SELECT sample, n, error = 'rate_limited' AS limited, count(*) FROM attempts
-WHERE job_id = :id AND tier = :tier AND error IS NOT NULL AND error NOT IN ('in_flight', 'interrupted')
-GROUP BY 1, 2, 3
-""")
-
 
 @dataclass
 class StageContext:
@@ -147,43 +142,92 @@ class _Outcome:
     error_detail: str = ""
 
 
-def _claim(ctx: StageContext, conn: Connection, job_id: int, tier: int,
-           stage: Stage) -> tuple[Claim, TaskSnapshot] | None:
-    """Claim the job for (tier, stage) with its batch's snapshot; None when a duplicate or late message."""
-    held = store.claim(conn, job_id, tier, stage, ctx.settings.lease_s)
-    if held is None:
+@dataclass
+class _Closing:
+    """What ends the claims of one message, written in one transaction: verdicts, then moves."""
+
+    validations: list[dict[str, Any]] = field(default_factory=list)  # Any: validations INSERT parameters
+    moves: list[store.Move] = field(default_factory=list)
+    next_steps: dict[int, Due] = field(default_factory=dict)
+
+    def move(self, held: Claim, status: JobStatus, tier: int, stage: Stage, *, output_json: str | None = None,
+             error: str | None = None, delay_s: float = 0.0, then: Due | None = None) -> None:
+        self.moves.append(store.Move(held, status, tier, stage, output_json, error, delay_s))
+        if then is not None:
+            self.next_steps[held.job_id] = then
+
+    def commit(self, conn: Connection) -> tuple[int, list[Due]]:
+        """Write everything; the jobs that moved and the messages due for them (only those that moved)."""
+        store.record_validations(conn, self.validations)
+        moved = store.move_many(conn, self.moves)
+        return len(moved), [due for job_id, due in self.next_steps.items() if job_id in moved]
+
+
+def _claim(ctx: StageContext, conn: Connection, job_ids: Sequence[int], tier: int,
+           stage: Stage) -> list[tuple[Claim, TaskSnapshot]]:
+    """Claim the jobs due at (tier, stage), each with its batch's snapshot; the others already moved on."""
+    claims = store.claim(conn, job_ids, tier, stage, ctx.settings.lease_s)
+    if len(claims) < len(job_ids):
         # Losing the race is normal (a redelivered or re-published message): not an error.
-        log.debug("job %s tier %s %s: already moved on", job_id, tier, stage.value)
-        return None
-    return held, ctx.snapshot(held.batch_id, lambda: store.batch_config(conn, held.batch_id))
+        log.debug("tier %s %s: %d of %d jobs already moved on", tier, stage.value, len(job_ids) - len(claims),
+                  len(job_ids))
+    return [(held, ctx.snapshot(held.batch_id, partial(store.batch_config, conn, held.batch_id))) for held in claims]
+
+
+@dataclass
+class _Job:
+    """One claimed job of a call message and the requests it sends."""
+
+    held: Claim
+    snap: TaskSnapshot
+    tier: ResolvedTier
+    work: list[_Work] = field(default_factory=list)
+    outcomes: list[_Outcome] = field(default_factory=list)
 
 
 def run_call(ctx: StageContext, job_id: int, tier: int) -> bool:
-    """Call stage: send the tier's requests, record them, move the job to validation.
+    """Call stage of one job (see ``run_calls``): False when the message was stale or the claim was lost."""
+    return run_calls(ctx, [job_id], tier) == 1
 
-    Returns False when the message was stale (the job had moved on) or the claim was lost.
-    """
+
+def run_calls(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
+    """Call stage: send each job's requests for the tier (all jobs' at once), record them, move the jobs to
+    validation. Returns how many jobs moved (stale ids and lost claims do not)."""
+    closing = _Closing()
+    jobs: list[_Job] = []
     with ctx.engine.begin() as conn:
-        claimed = _claim(ctx, conn, job_id, tier, Stage.CALL)
-        if claimed is None:
-            return False
-        held, snap = claimed
-        resolved = snap.tier(tier)
-        unusable = _unusable_model(ctx, resolved)
-        if unusable is not None:
-            moved, due = _apply_verdict(conn, snap, held, unusable)
-        else:
-            groups = plan_groups(resolved, held.input, store.prepare_attempts(conn, held))
-            slots = _reserve(ctx, resolved, len(groups), hold=f"{job_id}:{tier}")
+        claimed = _claim(ctx, conn, job_ids, tier, Stage.CALL)
+        if not claimed:
+            return 0
+        history = store.prepare_attempts(conn, [held for held, _ in claimed], tier)
+        for held, snap in claimed:
+            resolved = snap.tier(tier)
+            unusable = _unusable_model(ctx, resolved)
+            if unusable is not None:
+                _apply_verdict(closing, snap, held, unusable)
+                continue
+            past = history[held.job_id]
+            groups = plan_groups(resolved, held.input, set(past.answered))
+            slots = _reserve(ctx, resolved, len(groups), hold=f"{held.job_id}:{tier}")
             if not slots.granted:
-                return _defer_for_slot(ctx, conn, held, resolved, slots)
-            work = _plan_work(conn, held, resolved, groups, slots)
-    if unusable is not None:
-        if moved:
-            ctx.publisher.publish(due)
-        return moved
-    outcomes = _run_groups(ctx, snap, resolved, held, work)
-    return _finish_call(ctx, snap, held, outcomes)
+                _defer_for_slot(ctx, closing, held, resolved, slots)
+                continue
+            job = _Job(held, snap, resolved)
+            job.work = [_Work(g, None, slots.wait_s(i), past.failures.get((g.sample, g.n, True), 0),
+                              past.failures.get((g.sample, g.n, False), 0)) for i, g in enumerate(groups)]
+            jobs.append(job)
+        # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting.
+        now = [(job, w) for job in jobs for w in job.work if w.wait_s <= 0]
+        ids = store.start_attempts(conn, [store.NewAttempt(job.held.job_id, tier, job.tier.model.name,
+                                                           w.group.variant, w.group.sample, w.group.n)
+                                          for job, w in now])
+        for (_, w), attempt_id in zip(now, ids, strict=True):
+            w.attempt_id = attempt_id
+        moved_early, due = closing.commit(conn)
+        closing = _Closing()
+    ctx.publisher.publish(due)
+    _run_jobs(ctx, jobs)
+    return moved_early + _finish_calls(ctx, jobs)
 
 
 def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> validate.Verdict | None:
@@ -194,22 +238,6 @@ def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> validate.Verdict |
     except ConfigError as exc:
         return validate.model_error("config", str(exc), samples=tier.samples)
     return None
-
-
-def _plan_work(conn: Connection, held: Claim, tier: ResolvedTier, groups: list[Group],
-               slots: Reservation) -> list[_Work]:
-    """A group whose slot is now gets its attempt row in the claim's transaction; the others after waiting."""
-    failures: dict[tuple[int, int, bool], int] = {
-        (sample, n, limited): count for sample, n, limited, count in conn.execute(
-            _FAILURES, {"id": held.job_id, "tier": held.tier})}
-    work: list[_Work] = []
-    for i, g in enumerate(groups):
-        wait = slots.wait_s(i)
-        attempt_id = None if wait > 0 else store.start_attempt(conn, held.job_id, held.tier, tier.model.name,
-                                                                g.variant, g.sample, g.n)
-        work.append(_Work(g, attempt_id, wait, failures.get((g.sample, g.n, True), 0),
-                          failures.get((g.sample, g.n, False), 0)))
-    return work
 
 
 def _reserve(ctx: StageContext, tier: ResolvedTier, count: int, *, hold: str | None) -> Reservation:
@@ -232,25 +260,38 @@ def _slot_delay(ctx: StageContext, slots: Reservation) -> float:
     return max(0.05, slots.first_s - 0.8 * ctx.limit_wait_s)
 
 
-def _defer_for_slot(ctx: StageContext, conn: Connection, held: Claim, tier: ResolvedTier,
-                    slots: Reservation) -> bool:
+def _defer_for_slot(ctx: StageContext, closing: _Closing, held: Claim, tier: ResolvedTier,
+                    slots: Reservation) -> None:
     """No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
     little before its held slot (the sweeper re-publishes it) and waits the rest inline."""
-    delay = _slot_delay(ctx, slots)
-    return store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.CALL, delay_s=delay,
-                      error=_limit_note(tier, slots))
+    closing.move(held, JobStatus.QUEUED, held.tier, Stage.CALL, delay_s=_slot_delay(ctx, slots),
+                 error=_limit_note(tier, slots))
 
 
-def _run_groups(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: Claim,
-                work: list[_Work]) -> list[_Outcome]:
-    def one(item: _Work) -> _Outcome:
-        return _run_group(ctx, snap, tier, held, item)
+_REQUESTS: ThreadPoolExecutor | None = None
 
-    if len(work) <= 1:
-        return [one(item) for item in work]
-    # Samples go out concurrently (gevent patches threads into greenlets in workers).
-    with ThreadPoolExecutor(max_workers=len(work)) as pool:
-        return list(pool.map(one, work))
+
+def _requests() -> ThreadPoolExecutor:
+    """The process's request threads (greenlets under gevent), reused from message to message: starting a
+    thread per request cost more than the request's own bookkeeping. Built on first use, after a gevent
+    worker patched threading; idle threads cost nothing but their stack."""
+    global _REQUESTS
+    if _REQUESTS is None:
+        _REQUESTS = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="cascade-request")
+    return _REQUESTS
+
+
+def _run_jobs(ctx: StageContext, jobs: list[_Job]) -> None:
+    """Send every request of every job at once (gevent patches threads into greenlets in workers)."""
+    work = [(job, w) for job in jobs for w in job.work]
+
+    def one(item: tuple[_Job, _Work]) -> _Outcome:
+        job, w = item
+        return _run_group(ctx, job.snap, job.tier, job.held, w)
+
+    outcomes = [one(item) for item in work] if len(work) <= 1 else list(_requests().map(one, work))
+    for (job, _), outcome in zip(work, outcomes, strict=True):
+        job.outcomes.append(outcome)
 
 
 def _request(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, group: Group) -> Completion:
@@ -351,39 +392,57 @@ def _answer_row(attempt_id: int, snap: TaskSnapshot, tier: ResolvedTier, group: 
     }
 
 
-def _finish_call(ctx: StageContext, snap: TaskSnapshot, held: Claim, outcomes: list[_Outcome]) -> bool:
-    rows = [row for o in outcomes for row in o.rows]
-    deferred = max((o.defer_s for o in outcomes), default=0.0)
-    gave_up = [o for o in outcomes if o.error_kind and not o.defer_s]
-    due: list[Due] = []
+def _finish_calls(ctx: StageContext, jobs: list[_Job]) -> int:
+    """Record every request's outcome and move each job: to validation, back to Postgres (deferred), or to
+    the policy's verdict when its requests gave up and no answer counts."""
+    if not jobs:
+        return 0
+    closing = _Closing()
     with ctx.engine.begin() as conn:
-        store.end_attempts(conn, rows)
-        if deferred:
-            moved = store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.CALL,
-                               delay_s=deferred, error=next(o.error_detail for o in outcomes if o.defer_s)[:1000])
-        elif gave_up and not store.answers(conn, held.job_id, held.tier):
-            verdict = validate.model_error(gave_up[0].error_kind or "error", gave_up[0].error_detail[:500],
-                                           samples=snap.tier(held.tier).samples)
-            moved, due = _apply_verdict(conn, snap, held, verdict)
-        else:
-            moved = store.move(conn, held, status=JobStatus.QUEUED, tier=held.tier, stage=Stage.VALIDATE)
-            due = [(held.job_id, held.tier, Stage.VALIDATE)]
-    if moved:
-        ctx.publisher.publish(due)
+        store.end_attempts(conn, [row for job in jobs for o in job.outcomes for row in o.rows])
+        gave_up = [job for job in jobs if _gave_up(job) and not max((o.defer_s for o in job.outcomes), default=0)]
+        answered = store.answers_many(conn, [job.held.job_id for job in gave_up], jobs[0].held.tier) \
+            if gave_up else {}
+        for job in jobs:
+            held, deferred = job.held, max((o.defer_s for o in job.outcomes), default=0.0)
+            if deferred:
+                closing.move(held, JobStatus.QUEUED, held.tier, Stage.CALL, delay_s=deferred,
+                             error=next(o.error_detail for o in job.outcomes if o.defer_s)[:1000])
+            elif job in gave_up and not answered[held.job_id]:
+                first = _gave_up(job)[0]
+                verdict = validate.model_error(first.error_kind or "error", first.error_detail[:500],
+                                               samples=job.tier.samples)
+                _apply_verdict(closing, job.snap, held, verdict)
+            else:
+                closing.move(held, JobStatus.QUEUED, held.tier, Stage.VALIDATE,
+                             then=(held.job_id, held.tier, Stage.VALIDATE))
+        moved, due = closing.commit(conn)
+    ctx.publisher.publish(due)
     return moved
 
 
+def _gave_up(job: _Job) -> list[_Outcome]:
+    return [o for o in job.outcomes if o.error_kind and not o.defer_s]
+
+
 def run_validate(ctx: StageContext, job_id: int, tier: int) -> bool:
-    """Validate stage: vote on the tier's samples, then accept, escalate or fail — in one transaction."""
+    """Validate stage of one job (see ``run_validates``)."""
+    return run_validates(ctx, [job_id], tier) == 1
+
+
+def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
+    """Validate stage: vote on each job's samples, then accept, escalate or fail — in one transaction.
+    Returns how many jobs moved."""
+    closing = _Closing()
     with ctx.engine.begin() as conn:
-        claimed = _claim(ctx, conn, job_id, tier, Stage.VALIDATE)
-        if claimed is None:
-            return False
-        held, snap = claimed
-        verdict = judge(snap, tier, store.answers(conn, job_id, tier))
-        moved, due = _apply_verdict(conn, snap, held, verdict)
-    if moved:
-        ctx.publisher.publish(due)
+        claimed = _claim(ctx, conn, job_ids, tier, Stage.VALIDATE)
+        if not claimed:
+            return 0
+        answers = store.answers_many(conn, [held.job_id for held, _ in claimed], tier)
+        for held, snap in claimed:
+            _apply_verdict(closing, snap, held, judge(snap, tier, answers[held.job_id]))
+        moved, due = closing.commit(conn)
+    ctx.publisher.publish(due)
     return moved
 
 
@@ -405,22 +464,19 @@ def _length(snap: TaskSnapshot) -> Length:
     return length if length.max_chars < cap else length.model_copy(update={"max_chars": cap - 1})
 
 
-def _apply_verdict(conn: Any, snap: TaskSnapshot, held: Claim, verdict: validate.Verdict) -> tuple[bool, list[Due]]:
-    """Record the verdict and move the job as the policy says (same transaction)."""
-    store.record_validation(conn, {
+def _apply_verdict(closing: _Closing, snap: TaskSnapshot, held: Claim, verdict: validate.Verdict) -> None:
+    """Record the verdict and move the job as the policy says (written by ``closing`` in one transaction)."""
+    closing.validations.append({
         "job_id": held.job_id, "tier": held.tier, "model": snap.tier(held.tier).model.name,
         "passed": verdict.passed, "reasons": json.dumps(store.pg_json([r.to_json() for r in verdict.reasons])),
         "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
     })
     step = after_verdict(verdict.passed, held.tier, snap.tier_count)
     if step.action is Action.ACCEPT:
-        output = json.dumps(store.pg_json(verdict.result))
-        moved = store.move(conn, held, status=JobStatus.SUCCEEDED, tier=held.tier, stage=Stage.VALIDATE,
-                           output_json=output)
-        return moved, []
-    if step.action is Action.ESCALATE:
-        moved = store.move(conn, held, status=JobStatus.QUEUED, tier=step.tier, stage=Stage.CALL)
-        return moved, [(held.job_id, step.tier, Stage.CALL)]
-    error = store.pg_text("; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000])
-    return store.move(conn, held, status=JobStatus.FAILED, tier=held.tier, stage=Stage.VALIDATE, error=error), []
-
+        closing.move(held, JobStatus.SUCCEEDED, held.tier, Stage.VALIDATE,
+                     output_json=json.dumps(store.pg_json(verdict.result)))
+    elif step.action is Action.ESCALATE:
+        closing.move(held, JobStatus.QUEUED, step.tier, Stage.CALL, then=(held.job_id, step.tier, Stage.CALL))
+    else:
+        error = "; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000]
+        closing.move(held, JobStatus.FAILED, held.tier, Stage.VALIDATE, error=store.pg_text(error))

@@ -9,6 +9,7 @@ worker whose lease expired (and whose job the sweeper handed to another worker) 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -38,8 +39,11 @@ __all__ = [
     "Base",
     "Batch",
     "Claim",
+    "History",
     "Job",
     "JobStatus",
+    "Move",
+    "NewAttempt",
     "Stage",
     "Validation",
     "make_engine",
@@ -208,29 +212,62 @@ def ping(conn: Connection) -> None:
 _CLAIM = text("""
 UPDATE jobs SET status = 'running', claim_no = claim_no + 1,
                 lease_until = now() + make_interval(secs => :lease_s), not_before = NULL
-WHERE id = :id AND status = 'queued' AND tier = :tier AND stage = :stage
+WHERE id = ANY(:ids) AND status = 'queued' AND tier = :tier AND stage = :stage
   AND (not_before IS NULL OR not_before <= now())
 RETURNING id, batch_id, key, input, tier, stage, claim_no
 """)
 
 
-def claim(conn: Connection, job_id: int, tier: int, stage: Stage, lease_s: float) -> Claim | None:
-    """Take job ``job_id`` for (tier, stage). None when it already moved on (a duplicate message)."""
-    row = conn.execute(_CLAIM, {"id": job_id, "tier": tier, "stage": stage.value, "lease_s": lease_s}).first()
-    if row is None:
-        return None
-    return Claim(row.id, row.batch_id, row.key, row.input, row.tier, Stage(row.stage), row.claim_no)
+def claim(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage, lease_s: float) -> list[Claim]:
+    """Take the jobs of ``job_ids`` that are due at (tier, stage), in one statement; the others already moved
+    on (a duplicate or late message) and are left alone."""
+    rows = conn.execute(_CLAIM, {"ids": list(job_ids), "tier": tier, "stage": stage.value, "lease_s": lease_s})
+    return sorted((Claim(r.id, r.batch_id, r.key, r.input, r.tier, Stage(r.stage), r.claim_no) for r in rows),
+                  key=lambda c: c.job_id)
+
+
+@dataclass(frozen=True)
+class Move:
+    """How a claim ends: the job goes to (status, tier, stage); ``delay_s`` > 0 holds it in Postgres that long."""
+
+    held: Claim
+    status: JobStatus
+    tier: int
+    stage: Stage
+    output_json: str | None = None
+    error: str | None = None
+    delay_s: float = 0.0
 
 
 _MOVE = text("""
-UPDATE jobs SET status = :status, tier = :tier, stage = :stage, lease_until = NULL,
-                not_before = CASE WHEN :delay_s > 0 THEN now() + make_interval(secs => :delay_s) END,
-                published_at = CASE WHEN :delay_s > 0 THEN NULL ELSE now() END,
-                output = CAST(:output AS jsonb), error = :error,
-                cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = :id),
-                finished_at = CASE WHEN :status IN ('succeeded', 'failed') THEN now() END
-WHERE id = :id AND status = 'running' AND claim_no = :claim_no
+UPDATE jobs j SET status = m.status, tier = m.tier, stage = m.stage, lease_until = NULL,
+                  not_before = CASE WHEN m.delay_s > 0 THEN now() + make_interval(secs => m.delay_s) END,
+                  published_at = CASE WHEN m.delay_s > 0 THEN NULL ELSE now() END,
+                  output = CAST(m.output AS jsonb), error = m.error,
+                  cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = m.id),
+                  finished_at = CASE WHEN m.status IN ('succeeded', 'failed') THEN now() END
+FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[]), CAST(:statuses AS text[]), CAST(:tiers AS int[]),
+            CAST(:stages AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]),
+            CAST(:delays AS float8[])) AS m(id, claim_no, status, tier, stage, output, error, delay_s)
+WHERE j.id = m.id AND j.status = 'running' AND j.claim_no = m.claim_no
+RETURNING j.id
 """)
+
+
+def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
+    """End claims in one statement; returns the ids that moved (a claim whose lease expired and was taken
+    over by another worker does not)."""
+    if not moves:
+        return set()
+    for m in moves:
+        assert m.status in TRANSITIONS[JobStatus.RUNNING], m.status
+    params = {
+        "ids": [m.held.job_id for m in moves], "claim_nos": [m.held.claim_no for m in moves],
+        "statuses": [m.status.value for m in moves], "tiers": [m.tier for m in moves],
+        "stages": [m.stage.value for m in moves], "outputs": [m.output_json for m in moves],
+        "errors": [m.error for m in moves], "delays": [float(m.delay_s) for m in moves],
+    }
+    return {job_id for (job_id,) in conn.execute(_MOVE, params)}
 
 
 def move(
@@ -244,13 +281,8 @@ def move(
     error: str | None = None,
     delay_s: float = 0.0,
 ) -> bool:
-    """End a claim: the job goes to (status, tier, stage). False if the claim was lost (lease expired)."""
-    assert status in TRANSITIONS[JobStatus.RUNNING], status
-    params = {
-        "id": held.job_id, "claim_no": held.claim_no, "status": status.value, "tier": tier,
-        "stage": stage.value, "output": output_json, "error": error, "delay_s": delay_s,
-    }
-    return conn.execute(_MOVE, params).rowcount == 1
+    """End one claim (see ``move_many``). False if the claim was lost (lease expired)."""
+    return bool(move_many(conn, [Move(held, status, tier, stage, output_json, error, delay_s)]))
 
 
 def batch_config(conn: Connection, batch_id: str) -> dict[str, Any]:  # Any: snapshot JSON
@@ -263,57 +295,114 @@ IN_FLIGHT = "in_flight"
 INTERRUPTED = "interrupted"
 
 
-def prepare_attempts(conn: Connection, held: Claim) -> set[int]:
-    """Mark requests of earlier claims that never finished as interrupted; return answered samples."""
-    conn.execute(
-        text("UPDATE attempts SET error = :interrupted WHERE job_id = :id AND tier = :tier AND error = :in_flight"),
-        {"id": held.job_id, "tier": held.tier, "interrupted": INTERRUPTED, "in_flight": IN_FLIGHT},
-    )
-    rows = conn.execute(
-        text("SELECT sample, n FROM attempts WHERE job_id = :id AND tier = :tier AND error IS NULL"),
-        {"id": held.job_id, "tier": held.tier},
-    )
-    return {sample + i for sample, n in rows for i in range(n)}
+@dataclass(frozen=True)
+class History:
+    """A claimed job's earlier requests at its tier: samples answered, and failed requests per group
+    ``(sample, n, rate_limited)`` (a deferred retry continues its backoff instead of starting over)."""
+
+    answered: frozenset[int]
+    failures: dict[tuple[int, int, bool], int]
 
 
-_NEW_ATTEMPT = text("""
-INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
-VALUES (:job_id, :tier, :model, :variant, :sample, :n, 'in_flight') RETURNING id
+_INTERRUPT = text("""
+UPDATE attempts SET error = 'interrupted' WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
 """)
+_HISTORY = text("""
+SELECT job_id, sample, n, error FROM attempts
+WHERE job_id = ANY(:ids) AND tier = :tier AND (error IS NULL OR error NOT IN ('in_flight', 'interrupted'))
+""")
+
+
+def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> dict[int, History]:
+    """Mark requests of earlier claims that never finished as interrupted; return each job's history."""
+    ids = [c.job_id for c in claims]
+    conn.execute(_INTERRUPT, {"ids": ids, "tier": tier})
+    answered: dict[int, set[int]] = {i: set() for i in ids}
+    failures: dict[int, dict[tuple[int, int, bool], int]] = {i: {} for i in ids}
+    for job_id, sample, n, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
+        if error is None:
+            answered[job_id].update(range(sample, sample + n))
+        else:
+            key = (sample, n, error == "rate_limited")
+            failures[job_id][key] = failures[job_id].get(key, 0) + 1
+    return {i: History(frozenset(answered[i]), failures[i]) for i in ids}
+
+
+@dataclass(frozen=True)
+class NewAttempt:
+    job_id: int
+    tier: int
+    model: str
+    variant: str | None
+    sample: int
+    n: int
+
+
+_NEW_ATTEMPTS = text("""
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
+SELECT job_id, tier, model, variant, sample, n, 'in_flight'
+FROM unnest(CAST(:job_ids AS bigint[]), CAST(:tiers AS int[]), CAST(:models AS text[]), CAST(:variants AS text[]),
+            CAST(:samples AS int[]), CAST(:ns AS int[])) AS a(job_id, tier, model, variant, sample, n)
+RETURNING id, job_id, tier, sample
+""")
+
+
+def start_attempts(conn: Connection, new: Sequence[NewAttempt]) -> list[int]:
+    """Insert the rows of requests about to go out (so their spend stays visible if we crash), in one
+    statement; returns their ids in the order given. The requests of one call are distinct (job, tier,
+    sample)s: groups of a tier never share a first sample."""
+    if not new:
+        return []
+    params = {"job_ids": [a.job_id for a in new], "tiers": [a.tier for a in new], "models": [a.model for a in new],
+              "variants": [a.variant for a in new], "samples": [a.sample for a in new], "ns": [a.n for a in new]}
+    ids = {(job_id, tier, sample): int(i) for i, job_id, tier, sample in conn.execute(_NEW_ATTEMPTS, params)}
+    return [ids[(a.job_id, a.tier, a.sample)] for a in new]
 
 
 def start_attempt(conn: Connection, job_id: int, tier: int, model: str, variant: str | None,
                   sample: int, n: int) -> int:
-    """Insert the row of a request about to go out (so its spend stays visible if we crash)."""
-    params = {"job_id": job_id, "tier": tier, "model": model, "variant": variant, "sample": sample, "n": n}
-    return int(conn.execute(_NEW_ATTEMPT, params).scalar_one())
+    """Insert the row of one request about to go out."""
+    return start_attempts(conn, [NewAttempt(job_id, tier, model, variant, sample, n)])[0]
 
 
-_END_ATTEMPT = text("""
-UPDATE attempts SET latency_ms = :latency_ms, input_tokens = :input_tokens, output_tokens = :output_tokens,
-                    cost_usd = :cost_usd, error = :error, detail = :detail, response = CAST(:response AS jsonb)
-WHERE id = :id
+_END_ATTEMPTS = text("""
+UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, output_tokens = e.output_tokens,
+                      cost_usd = e.cost_usd, error = e.error, detail = e.detail, response = CAST(e.response AS jsonb)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
+            CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
+            CAST(:detail AS text[]), CAST(:response AS text[]))
+     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response)
+WHERE a.id = e.id
 """)
+_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response")
 
 
 def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
-    response as JSON text)."""
+    response as JSON text) in one statement."""
     if rows:
-        conn.execute(_END_ATTEMPT, rows)
+        params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
+        params.update({name: [r[name] for r in rows] for name in _END_FIELDS})
+        conn.execute(_END_ATTEMPTS, params)
+
+
+_ANSWERS = text("""
+SELECT job_id, sample, response FROM attempts WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
+""")
+
+
+def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, dict[int, str | None]]:
+    """Per job: sample index → content, from the requests whose answers count."""
+    out: dict[int, dict[int, str | None]] = {i: {} for i in job_ids}
+    for job_id, sample, response in conn.execute(_ANSWERS, {"ids": list(job_ids), "tier": tier}):
+        for i, content in enumerate(response or []):
+            out[job_id][sample + i] = content
+    return out
 
 
 def answers(conn: Connection, job_id: int, tier: int) -> dict[int, str | None]:
-    """Sample index → content, from the requests whose answers count."""
-    rows = conn.execute(
-        text("SELECT sample, response FROM attempts WHERE job_id = :id AND tier = :tier AND error IS NULL"),
-        {"id": job_id, "tier": tier},
-    )
-    out: dict[int, str | None] = {}
-    for sample, response in rows:
-        for i, content in enumerate(response or []):
-            out[sample + i] = content
-    return out
+    """Sample index → content of one job's counted answers at ``tier``."""
+    return answers_many(conn, [job_id], tier)[job_id]
 
 
 _VALIDATION = text("""
@@ -323,8 +412,10 @@ ON CONFLICT (job_id, tier) DO NOTHING
 """)
 
 
-def record_validation(conn: Connection, params: dict[str, Any]) -> None:  # Any: bound parameters
-    conn.execute(_VALIDATION, params)
+def record_validations(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
+    """Insert verdicts (one per job and tier: a repeated one is ignored); pipelined in one round trip."""
+    if rows:
+        conn.execute(_VALIDATION, rows)
 
 
 # --- values Postgres accepts -------------------------------------------------------------------

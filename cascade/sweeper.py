@@ -2,9 +2,10 @@
 
 Three cases, each an UPDATE ... RETURNING that stamps ``published_at`` and then publishes:
 a running job whose lease expired (its worker died); a deferred job whose ``not_before`` is due;
-a queued job whose last publish is older than the stall timeout while its broker queue holds fewer
-messages than Postgres has jobs due on it (the message was lost, e.g. a Redis flush). A long,
-healthy backlog is never re-published. One sweeper at a time: a Postgres advisory lock.
+a queued job whose last publish is older than the stall timeout while its broker queue holds too few
+messages for the jobs Postgres has due on it (fewer than due ÷ jobs_per_message: a message was lost, e.g.
+a Redis flush). A long, healthy backlog is never re-published; a lost message hidden behind a backlog of
+part-filled messages is found once that backlog drains. One sweeper at a time: a Postgres advisory lock.
 """
 
 from __future__ import annotations
@@ -65,19 +66,20 @@ def _due(rows: list[tuple[int, int, str]]) -> list[Due]:
     return [(job_id, tier, Stage(stage)) for job_id, tier, stage in rows]
 
 
-def _stalled(conn: Connection, publisher: Publisher, stalled_after_s: float) -> list[Due]:
+def _stalled(conn: Connection, publisher: Publisher, stalled_after_s: float, jobs_per_message: int) -> list[Due]:
     lengths = publisher.queue_lengths()
     out: list[Due] = []
     for tier, stage, waiting in conn.execute(_WAITING).all():
         in_broker = lengths.get(queue_for(tier, Stage(stage)), 0)
-        if in_broker >= waiting:
+        if in_broker * jobs_per_message >= waiting:
             continue  # the broker holds a message for every due job: a healthy backlog
         rows = conn.execute(_STALLED, {"tier": tier, "stage": stage, "stalled_after": stalled_after_s}).all()
         out += _due([tuple(r) for r in rows])
     return out
 
 
-def sweep(engine: Engine, publisher: Publisher, *, stalled_after_s: float = 60.0) -> SweepReport:
+def sweep(engine: Engine, publisher: Publisher, *, stalled_after_s: float = 60.0,
+          jobs_per_message: int = 1) -> SweepReport:
     """One pass. Publishing happens after each UPDATE committed; a failed publish is retried by a later pass
     (the job's ``published_at`` then ages past the stall timeout again)."""
     with engine.connect() as lock_conn:
@@ -89,7 +91,7 @@ def sweep(engine: Engine, publisher: Publisher, *, stalled_after_s: float = 60.0
                 due = _due([tuple(r) for r in conn.execute(_DUE).all()])
             publisher.publish(expired + due)
             with engine.begin() as conn:
-                stalled = _stalled(conn, publisher, stalled_after_s)
+                stalled = _stalled(conn, publisher, stalled_after_s, jobs_per_message)
             publisher.publish(stalled)
         finally:
             lock_conn.execute(_UNLOCK)

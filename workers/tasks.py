@@ -1,4 +1,5 @@
-"""Celery tasks: one line into cascade.stages each. Messages carry ids, never rows."""
+"""Celery tasks: one line into cascade.stages each. Messages carry job ids (a list, or one id from an older
+producer), never rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlalchemy.exc import DBAPIError
 
 from cascade.providers import ProviderPool
 from cascade.publish import CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
-from cascade.stages import StageContext, run_call, run_validate
+from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import make_engine
 from cascade.sweeper import sweep as sweep_once
 from workers.app import app, settings
@@ -36,24 +37,29 @@ def context() -> StageContext:
             # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
             # DBAPIError, which the tasks retry (RETRY below).
             engine=make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False),
-            publisher=CeleryPublisher(app),
+            publisher=CeleryPublisher(app, jobs_per_message=settings.jobs_per_message),
             providers=ProviderPool(),
             settings=settings,
         )
     return _context
 
 
+def _ids(job_ids: list[int] | int) -> list[int]:
+    return [job_ids] if isinstance(job_ids, int) else job_ids
+
+
 @app.task(name=CALL_TASK, **RETRY)
-def call_model(job_id: int, tier: int) -> None:
-    run_call(context(), job_id, tier)
+def call_model(job_ids: list[int] | int, tier: int) -> None:
+    run_calls(context(), _ids(job_ids), tier)
 
 
 @app.task(name=VALIDATE_TASK, **RETRY)
-def validate(job_id: int, tier: int) -> None:
-    run_validate(context(), job_id, tier)
+def validate(job_ids: list[int] | int, tier: int) -> None:
+    run_validates(context(), _ids(job_ids), tier)
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep() -> None:
     ctx = context()
-    sweep_once(ctx.engine, ctx.publisher, stalled_after_s=settings.stalled_after_s)
+    sweep_once(ctx.engine, ctx.publisher, stalled_after_s=settings.stalled_after_s,
+               jobs_per_message=settings.jobs_per_message)

@@ -52,26 +52,27 @@ def env_redis(env):
 
 
 def test_bulk_messages_are_what_send_task_writes(env):
-    # Given a publisher on the test's key prefix
-    settings = env.settings()
+    # Given a publisher on the test's key prefix, three job ids per message
+    settings = env.settings(jobs_per_message=3)
     publisher = CeleryPublisher.connect(settings, settings.broker_url)
     # When one message goes through send_task and BULK_MIN through the bulk path, to two queues
     publisher.publish([(7, 2, Stage.CALL)])
-    publisher.publish([(100 + i, 2, Stage.CALL if i % 2 else Stage.VALIDATE) for i in range(BULK_MIN)])
+    publisher.publish([(100 + i, 2, Stage.CALL if i % 2 else Stage.VALIDATE) for i in range(3 * BULK_MIN)])
     publisher.close()
-    # Then each queue holds its messages in publish order
+    # Then each queue holds its messages in publish order, each with three ids of its stage in order
     calls, validations = _queued(env, "tier2"), _queued(env, "validate")
-    assert [json.loads(base64.b64decode(m["body"]))[0] for m in calls] == [[7, 2]] + [
-        [100 + i, 2] for i in range(BULK_MIN) if i % 2]
+    odd, even = [100 + i for i in range(3 * BULK_MIN) if i % 2], [100 + i for i in range(3 * BULK_MIN) if not i % 2]
+    assert [json.loads(base64.b64decode(m["body"]))[0] for m in calls] == [[[7], 2]] + [
+        [odd[i:i + 3], 2] for i in range(0, len(odd), 3)]
     assert [json.loads(base64.b64decode(m["body"]))[0] for m in validations] == [
-        [100 + i, 2] for i in range(BULK_MIN) if not i % 2]
+        [even[i:i + 3], 2] for i in range(0, len(even), 3)]
     # And a bulk message equals the send_task one field for field, except the per-message ones
     reference, bulk = _flatten(calls[0]), _flatten(calls[1])
     assert reference.keys() == bulk.keys()
     assert {k: v for k, v in reference.items() if k not in PER_MESSAGE} == {
         k: v for k, v in bulk.items() if k not in PER_MESSAGE}
     assert bulk["headers", "id"] == bulk["headers", "root_id"] == bulk["properties", "correlation_id"]
-    assert bulk["headers", "argsrepr"] == "[101, 2]"
+    assert bulk["headers", "argsrepr"] == "[[101, 103, 105], 2]"
     assert validations[0]["headers"]["task"] == "cascade.validate"
     assert len({m["headers"]["id"] for m in calls + validations}) == BULK_MIN + 1
 

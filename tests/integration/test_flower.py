@@ -116,6 +116,9 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
     client = Client(settings, engine=env.engine, config=scenario.cascade_config(server.url),
                     publisher=CeleryPublisher.connect(settings, settings.broker_url))
     batch = client.submit("label", scenario.rows(ROWS, "label"), key_field="id").batch_id
+    # (Flower counts messages; a message carries up to jobs_per_message job ids)
+    messages = -(-ROWS // settings.jobs_per_message)
+    assert 1 < messages < ROWS
     with flower.api() as api:
         # Then Flower lists every declared queue (it knows no worker yet) and sees the whole backlog on
         # tier1, read under this test's key prefix
@@ -123,15 +126,15 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
 
         def backlog() -> bool:
             seen.update(_lengths(api))
-            return seen.get("tier1") == ROWS
+            return seen.get("tier1") == messages
 
-        wait_for(backlog, timeout=10, what=f"flower to report {ROWS} messages on tier1")
-        assert seen == {"tier1": ROWS, "tier2": 0, "tier3": 0, "validate": 0, "sweep": 0}
+        wait_for(backlog, timeout=10, what=f"flower to report {messages} messages on tier1")
+        assert seen == {"tier1": messages, "tier2": 0, "tier3": 0, "validate": 0, "sweep": 0}
 
         # When a tier1-only worker runs the call stage of every job
         workers(queues="tier1", concurrency=32)
         # Then Flower sees tier1 drain into validate (still listed: Flower has not inspected the worker)
-        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": ROWS, "sweep": 0},
+        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": messages, "sweep": 0},
                  timeout=20,
                  what="tier1 to drain into validate")
         # But once Flower has inspected that worker it lists only tier1: the waiting validate messages vanish

@@ -1,0 +1,69 @@
+"""One message, several jobs: run_calls/run_validates on real Postgres and the sim over HTTP, in-process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cascade.client import Client
+from cascade.providers import ProviderPool
+from cascade.stages import StageContext, run_calls, run_validates
+from cascade.store import Stage
+from tests.integration import scenario
+
+pytestmark = pytest.mark.integration
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.due: list[Any] = []
+
+    def publish(self, due: Any) -> None:
+        self.due += list(due)
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {}
+
+
+def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
+    # Given six label jobs due at tier 1 (three samples in one request each; the sim's seed escalates
+    # three of them), of which one already went on to validation
+    sim_cfg = scenario.sim_config()
+    server = sim(sim_cfg)
+    publisher = _Recorder()
+    config = scenario.cascade_config(server.url)
+    client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
+    rows = scenario.rows(6, "label")
+    batch = client.submit("label", rows, key_field="id").batch_id
+    ids = [j for (j,) in env.rows("SELECT id FROM jobs WHERE batch_id = :b ORDER BY id", b=batch)]
+    providers = ProviderPool()
+    ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+    assert run_calls(ctx, ids[:1], 1) == 1
+    publisher.due.clear()
+
+    # When one call message carries all six ids (one twice) and an id that does not exist
+    moved = run_calls(ctx, [*ids, ids[2], 10**12], 1)
+
+    # Then the five due jobs ran (one request each, all at once), the stale one was left alone
+    assert moved == 5
+    attempts = dict(env.rows("SELECT job_id, count(*) FROM attempts GROUP BY job_id"))
+    assert attempts == dict.fromkeys(ids, 1)
+    # And each moved job is due for validation, once
+    assert sorted(publisher.due) == [(j, 1, Stage.VALIDATE) for j in ids[1:]]
+
+    # When one validate message carries all six
+    publisher.due.clear()
+    assert run_validates(ctx, ids, 1) == 6
+    assert run_validates(ctx, ids, 1) == 0  # the same message again changes nothing
+
+    # Then each job is where the sim's seed says: done at tier 1, or due at tier 2 (and only those are published)
+    snap = config.snapshot("label")
+    expected = {j: scenario.predict(snap, sim_cfg, row) for j, row in zip(ids, rows, strict=True)}
+    assert sorted(tier for _, tier, _ in expected.values()) == [1, 1, 1, 2, 2, 3]
+    got = dict(env.rows("SELECT id, CASE WHEN status = 'queued' THEN 'tier' || tier ELSE status END FROM jobs"))
+    assert got == {j: "succeeded" if tier == 1 and status == "succeeded" else ("tier2" if tier > 1 else status)
+                   for j, (status, tier, _) in expected.items()}
+    assert sorted(publisher.due) == sorted((j, 2, Stage.CALL) for j, (_, tier, _) in expected.items() if tier > 1)
+    assert env.scalar("SELECT count(*) FROM validations") == 6
+    providers.close()
