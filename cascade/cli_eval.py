@@ -107,7 +107,7 @@ def plot_reports(reports: Sequence[evaluation.TaskReport], path: Path) -> None:
 
 @contextmanager
 def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, start_worker: bool = True,
-                  concurrency: int = 128) -> Iterator[evaluation.Pipeline]:
+                  concurrency: int = 32) -> Iterator[evaluation.Pipeline]:
     """Postgres and Redis (embedded when no URL is set, as ``cascade demo``; left running like the demo's),
     migrations, a replay sim in this process and, with ``start_worker``, one gevent worker subprocess on
     queues of its own (a private Redis key prefix), so workers already on the broker never see eval jobs.
@@ -166,7 +166,7 @@ def eval_command(
     start_worker: Annotated[bool, typer.Option(
         help="Start a worker on private queues (--no-start-worker: use the workers on CASCADE_BROKER_URL).")]
     = True,
-    concurrency: Annotated[int, typer.Option(help="Greenlets of the worker eval starts.")] = 128,
+    concurrency: Annotated[int, typer.Option(help="Greenlets (messages at once) of the worker eval starts.")] = 32,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="cascade.yaml (default: $CASCADE_CONFIG)")]
     = None,
     data_dir: Annotated[Path | None, typer.Option(help="Embedded services' data (default .cascade).")] = None,

@@ -32,7 +32,8 @@ def context() -> StageContext:
     if _context is None:
         if not settings.database_url:
             raise RuntimeError("CASCADE_DATABASE_URL is not set")
-        pool = max(4, min(64, int(app.conf.worker_concurrency or 4) // 4))
+        # About one connection per slot: a message's stage holds one for its claim and one for its close.
+        pool = max(4, min(64, int(app.conf.worker_concurrency or 4)))
         _context = StageContext(
             # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
             # DBAPIError, which the tasks retry (RETRY below).
