@@ -80,6 +80,7 @@ class ChatProvider:
             headers["Authorization"] = f"Bearer {key}"
             self._secret = key
         self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._endpoint = httpx.URL(self._url)  # parsed once: httpx re-parses a str URL on every request
         self._client_args: dict[str, Any] = {  # Any: httpx.Client keyword arguments
             "transport": transport,
             "headers": headers,
@@ -143,7 +144,7 @@ class ChatProvider:
     def _post(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, bytes, str | None]:
         client = self._checkout()
         try:
-            with client.stream("POST", self._url, json=body, headers=headers) as response:
+            with client.stream("POST", self._endpoint, json=body, headers=headers) as response:
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in response.iter_bytes():
