@@ -1,25 +1,26 @@
-"""Benchmark 5, stats: ``SELECT * FROM escalation_stats`` over 1,000,000 jobs, the view of migration 0002
-(baseline) against the proposed summary (bench.stats_sql.UPGRADE), in one scratch schema.
+"""Benchmark 5, stats: ``SELECT * FROM escalation_stats`` over 1,000,000 jobs, the view as migrated on main
+(migration 0004's summary) against migration 0002's view (the baseline), in one scratch schema.
 
 Data: three task types, 97 % succeeded / 2 % failed / 1 % queued, 70 % finishing at tier 1, 22 % at tier 2,
-8 % at tier 3, one attempt per tier reached, written with generate_series. The proposal is applied as its
-migration would be (backfill under a lock), VACUUM ANALYZE'd as autovacuum would, and must return exactly
-the old view's rows. Then a live workload (jobs inserted, called, escalated, finished by single-row UPDATEs as
-the stages do) checks that the triggers keep it exact, and times a finishing UPDATE with and without them.
+8 % at tier 3, one attempt per tier reached, written with generate_series into a schema at revision 0003.
+Then the schema is migrated to head as a deployment would be (backfill under a lock), VACUUM ANALYZE'd as
+autovacuum would, and the view must return exactly what 0002's query returns (created beside it as
+``escalation_stats_0002``). A live workload (jobs inserted, called, escalated, finished by single-row
+statements as the stages write them, a batch deleted) checks that the triggers keep it exact. Last, the
+triggers' cost: one job's writes, and the DELETE of a batch, with the triggers on and off.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, text
 
 from bench.harness import Row, Scratch, Services, scratch
-from bench.stats_sql import OLD_VIEW, UPGRADE
+from bench.stats_sql import old_view
+from cascade.migrate import upgrade
 
 __all__ = ["run"]
 
@@ -67,14 +68,6 @@ def _time_view(box: Scratch, view: str, runs: int) -> tuple[float, list[dict[str
     return statistics.median(times), rows
 
 
-def _same(a: Any, b: Any) -> bool:  # Any: column values
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)
-    if isinstance(a, Decimal) and isinstance(b, Decimal):
-        return abs(a - b) <= Decimal("1e-15") * max(Decimal(1), abs(a))
-    return bool(a == b)
-
-
 def differences(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:  # Any: view rows
     """Where two result sets of escalation_stats differ (column by column), as readable lines."""
     if [r["task_type"] for r in old] != [r["task_type"] for r in new]:
@@ -83,7 +76,8 @@ def differences(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[st
     for o, n in zip(old, new, strict=True):
         if list(o) != list(n):
             out.append(f"columns {list(o)} != {list(n)}")
-        out += [f"{o['task_type']}.{k}: {o[k]!r} != {n.get(k)!r}" for k in o if not _same(o[k], n.get(k))]
+        # str: Decimal keeps its scale and float its shortest exact repr, so this is an exact comparison.
+        out += [f"{o['task_type']}.{k}: {o[k]!r} != {n.get(k)!r}" for k in o if str(o[k]) != str(n.get(k))]
     return out
 
 
@@ -111,29 +105,72 @@ def _live(box: Scratch, n: int) -> None:
             for s, t in (("running", 1), ("queued", 1 + i % 2), (status, 1 + i % 2)):
                 conn.execute(move, {"s": s, "t": t, "id": job})
                 conn.commit()
-        conn.execute(text("DELETE FROM batches WHERE id = 'b2_9'"))  # cascades to its jobs
-        conn.commit()
 
 
-def _finish_cost_us(box: Scratch, n: int, *, triggers: bool) -> float:
-    """Mean microseconds of a single-row finishing UPDATE (its own transaction), with or without triggers."""
-    tag = "on" if triggers else "off"
+def _set_triggers(box: Scratch, on: bool) -> None:
+    with box.engine.begin() as conn:
+        for table in ("jobs", "attempts"):
+            conn.execute(text(f"ALTER TABLE {table} {'ENABLE' if on else 'DISABLE'} TRIGGER USER"))
+
+
+# One job's writes on the hot path that fire a summary trigger, each its own transaction as in the stages:
+# its tier-1 request starts and ends (the tokens), the call stage's move (the cost changes) and the
+# validation's move to succeeded. Claims, escalations and deferrals fire none and are left out.
+HOT_PATH = [
+    "INSERT INTO attempts (job_id, tier, model, sample, n, error) VALUES (:id, 1, 'm1', 0, 1, 'in_flight')",
+    ("UPDATE attempts SET input_tokens = 300, output_tokens = 20, cost_usd = 0.0001, error = NULL, latency_ms = 5 "
+     "WHERE job_id = :id AND tier = 1"),
+    ("UPDATE jobs SET status = 'queued', stage = 'validate', cost_usd = (SELECT sum(cost_usd) FROM attempts "
+     "WHERE job_id = :id) WHERE id = :id"),
+    "UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = :id",
+]
+
+
+def _hot_path_us(box: Scratch, n: int, *, triggers: bool) -> list[float]:
+    """Postgres time of each of ``n`` jobs' HOT_PATH statements (EXPLAIN ANALYZE's execution time, which
+    includes the triggers; not the round trips and commits), with or without the summary triggers, in µs."""
+    tag = f"{'on' if triggers else 'off'}-{time.monotonic_ns()}-"
     with box.engine.begin() as conn:
         ids = [r[0] for r in conn.execute(text(
-            "INSERT INTO jobs (batch_id, task_type, key, input) SELECT 'b1_1', 'task_1', :tag || i, '{}'::jsonb "
-            "FROM generate_series(1, :n) i RETURNING id"), {"n": n, "tag": f"finish-{tag}-"})]
-        conn.execute(text(f"ALTER TABLE jobs {'ENABLE' if triggers else 'DISABLE'} TRIGGER USER"))
-    finish = text("UPDATE jobs SET status = 'succeeded', finished_at = now(), cost_usd = cost_usd + 0.000001 "
-                  "WHERE id = :id")
-    with box.engine.connect() as conn:
+            "INSERT INTO jobs (batch_id, task_type, key, input, status) SELECT 'b1_1', 'task_1', :tag || i, "
+            "'{}'::jsonb, 'running' FROM generate_series(1, :n) i RETURNING id"), {"n": n, "tag": tag})]
+    _set_triggers(box, triggers)
+    statements = [text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql) for sql in HOT_PATH]
+    per_job = []
+    try:
+        with box.engine.connect() as conn:
+            for job in ids:
+                total_ms = 0.0
+                for statement in statements:
+                    total_ms += conn.execute(statement, {"id": job}).scalar_one()[0]["Execution Time"]
+                    conn.commit()
+                per_job.append(total_ms * 1000)
+    finally:
+        _set_triggers(box, True)
+    return per_job
+
+
+def _hot_path_cost(box: Scratch, n: int) -> tuple[float, float]:
+    """Median µs per job of HOT_PATH with and without the triggers, measured in alternating rounds (so that
+    autovacuum or another process slows both alike)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for order in ((True, False), (False, True), (True, False), (False, True)):
+        for triggers in order:
+            times[triggers] += _hot_path_us(box, n // 4, triggers=triggers)
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
+def _delete_batch_s(box: Scratch, batch: str, *, triggers: bool) -> tuple[float, int]:
+    """Seconds to DELETE one batch (its jobs and attempts cascade), and how many jobs it had."""
+    jobs = int(box.scalar("SELECT count(*) FROM jobs WHERE batch_id = :b", b=batch))
+    _set_triggers(box, triggers)
+    try:
         started = time.perf_counter()
-        for job in ids:
-            conn.execute(finish, {"id": job})
-            conn.commit()
-        elapsed = time.perf_counter() - started
-    with box.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE jobs ENABLE TRIGGER USER"))
-    return elapsed / max(1, len(ids)) * 1e6
+        with box.engine.begin() as conn:
+            conn.execute(text("DELETE FROM batches WHERE id = :b"), {"b": batch})
+        return time.perf_counter() - started, jobs
+    finally:
+        _set_triggers(box, True)
 
 
 def _plan(box: Scratch) -> str:
@@ -142,33 +179,43 @@ def _plan(box: Scratch) -> str:
         return "\n".join(r[0] for r in rows)
 
 
+def _vacuum(box: Scratch, tables: str = "") -> None:
+    with box.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"VACUUM ANALYZE {tables}"))
+
+
+def _generate(box: Scratch, n: int) -> float:
+    """Seconds to write ``n`` jobs into a schema at 0003 (0002's view, no summary yet)."""
+    started = time.perf_counter()
+    upgrade(box.engine, "0003")
+    with box.engine.begin() as conn:
+        conn.execute(text("SET LOCAL synchronous_commit = off"))
+        for sql in GENERATE.split(";\n\n"):
+            conn.execute(text(sql), {"n": n})
+    _vacuum(box)
+    return time.perf_counter() - started
+
+
 def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row]:
     n = 5_000 if tiny else 1_000_000
-    with scratch(svc, "stats") as box:
+    with scratch(svc, "stats", migrate=False) as box:
+        generated = _generate(box, n)
         started = time.perf_counter()
-        with box.engine.begin() as conn:
-            conn.execute(text("SET LOCAL synchronous_commit = off"))
-            for sql in GENERATE.split(";\n\n"):
-                conn.execute(text(sql), {"n": n})
-        with box.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
-        generated = time.perf_counter() - started
-        old_ms, old_rows = _time_view(box, "escalation_stats", 1 if not tiny else 3)
-        started = time.perf_counter()
-        with box.engine.begin() as conn:
-            conn.execute(text(UPGRADE))
+        upgrade(box.engine)
         migrated = time.perf_counter() - started
-        with box.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE job_outcomes, escalation_summary"))
+        _vacuum(box, "job_outcomes, escalation_summary")
+        with box.engine.begin() as conn:
+            conn.execute(text(old_view("escalation_stats_0002")))
+        old_ms, old_rows = _time_view(box, "escalation_stats_0002", 1 if not tiny else 3)
         new_ms, new_rows = _time_view(box, "escalation_stats", 9)
         diff = differences(old_rows, new_rows)
         plan = _plan(box)
         _live(box, 300 if tiny else 3000)
-        with box.engine.begin() as conn:
-            conn.execute(text(OLD_VIEW.replace("VIEW escalation_stats", "VIEW escalation_stats_live")))
-            live_diff = differences(_rows(conn, "escalation_stats_live"), _rows(conn, "escalation_stats"))
-        with_us = _finish_cost_us(box, 300 if tiny else 2000, triggers=True)
-        without_us = _finish_cost_us(box, 300 if tiny else 2000, triggers=False)
+        delete_on = _delete_batch_s(box, "b2_9", triggers=True)
+        with box.engine.connect() as conn:
+            live_diff = differences(_rows(conn, "escalation_stats_0002"), _rows(conn, "escalation_stats"))
+        delete_off = _delete_batch_s(box, "b2_8", triggers=False)
+        with_us, without_us = _hot_path_cost(box, 200 if tiny else 2000)
     if profile or diff or live_diff:
         print(plan)
         print("\n".join(diff + live_diff) or "results identical")
@@ -176,8 +223,12 @@ def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row
     return [
         Row(f"5 stats: escalation_stats over {n:,} jobs", new_ms, old_ms, "ms", f"≤ {TARGET_MS:.0f} ms",
             new_ms <= TARGET_MS and same,
-            f"summary + triggers (bench/stats_sql.py); results {'identical' if same else 'DIFFER'} to 0002's view "
-            f"(also after a live workload); data {generated:.0f} s, migration+backfill {migrated:.1f} s"),
-        Row("5 stats: finishing UPDATE with summary triggers", with_us, without_us, "µs", "report", None,
-            "single-row UPDATE to succeeded in its own transaction, triggers on vs off"),
+            f"migration 0004's summary vs 0002's view; results {'identical' if same else 'DIFFER'} "
+            f"(also after a live workload); data {generated:.0f} s, migration 0004 with backfill {migrated:.1f} s"),
+        Row("5 stats: one job's writes with the summary triggers", with_us, without_us, "µs", "report", None,
+            "median Postgres time (EXPLAIN ANALYZE) of a tier-1 attempt's insert and end, the call move and the "
+            "finish, each its own transaction; triggers on vs off"),
+        Row(f"5 stats: DELETE of a {delete_on[1]:,}-job batch with the summary triggers", delete_on[0] * 1000,
+            delete_off[0] * 1000, "ms", "report", None,
+            f"cascading to jobs and attempts; triggers on vs off (a batch of {delete_off[1]:,} jobs)"),
     ]

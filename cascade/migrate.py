@@ -1,4 +1,4 @@
-"""Run the Alembic migrations shipped with cascade (``cascade db upgrade``)."""
+"""Run the Alembic migrations shipped with cascade (``cascade db upgrade``), and undo them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 import migrations
 
-__all__ = ["upgrade"]
+__all__ = ["downgrade", "upgrade"]
 
 
 def _config() -> Config:
@@ -25,3 +25,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Undo migrations of the database behind ``engine`` (its search_path schema) down to ``revision``."""
+    config = _config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
