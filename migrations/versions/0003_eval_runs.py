@@ -12,7 +12,6 @@ Create Date: 2026-11-23
 
 from alembic import op
 
-# Numbered 0003 until the revision 0003 reserved for other work lands; then this becomes 0004 on top of it.
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
