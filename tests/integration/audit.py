@@ -10,6 +10,19 @@ from cascade.publish import CeleryPublisher
 from tests.integration import scenario
 
 
+class Recorder:
+    """A publisher that keeps what it was asked to publish (stages run in-process, no broker)."""
+
+    def __init__(self):
+        self.due = []
+
+    def publish(self, due):
+        self.due += list(due)
+
+    def queue_lengths(self):
+        return {}
+
+
 def client(env, sim_url):
     settings = env.settings()
     return Client(settings, engine=env.engine, config=scenario.cascade_config(sim_url),

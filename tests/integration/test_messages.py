@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from cascade.client import Client
@@ -11,19 +9,9 @@ from cascade.providers import ProviderPool
 from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import Stage
 from tests.integration import scenario
+from tests.integration.audit import Recorder
 
 pytestmark = pytest.mark.integration
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.due: list[Any] = []
-
-    def publish(self, due: Any) -> None:
-        self.due += list(due)
-
-    def queue_lengths(self) -> dict[str, int]:
-        return {}
 
 
 def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
@@ -31,7 +19,7 @@ def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
     # three of them), of which one already went on to validation
     sim_cfg = scenario.sim_config()
     server = sim(sim_cfg)
-    publisher = _Recorder()
+    publisher = Recorder()
     config = scenario.cascade_config(server.url)
     client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
     rows = scenario.rows(6, "label")

@@ -29,6 +29,7 @@ from cascade.sim import SimConfig, SimModel
 from cascade.stages import StageContext, judge, run_call, run_validate
 from cascade.sweeper import sweep
 from tests.integration import scenario
+from tests.integration.audit import Recorder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -270,17 +271,6 @@ def test_provider_faults_end_as_the_policy_says(env, sim, workers, subtests):
     client.close()
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.due: list[Any] = []
-
-    def publish(self, due: Any) -> None:
-        self.due += list(due)
-
-    def queue_lengths(self) -> dict[str, int]:
-        return {}
-
-
 def test_hostile_bytes_are_stored_not_fatal(env):
     # Given a model that first fails with NUL and invalid UTF-8 in its error body, then answers with a
     # NUL character and a lone surrogate (raw, and as JSON escapes inside the answer), which Postgres refuses
@@ -290,7 +280,7 @@ def test_hostile_bytes_are_stored_not_fatal(env):
         "usage": {"prompt_tokens": 10, "completion_tokens": 30}}).encode())])
     providers = ProviderPool(transport=httpx.MockTransport(lambda request: next(bodies)))
     config = fault_config("http://mock.test/v1")
-    publisher = _Recorder()
+    publisher = Recorder()
     client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
     batch = client.submit(DOWN, [{"id": "x", "text": "hostile"}], key_field="id").batch_id
     ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
