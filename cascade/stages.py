@@ -224,7 +224,6 @@ def run_calls(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
         for (_, w), attempt_id in zip(now, ids, strict=True):
             w.attempt_id = attempt_id
         moved_early, due = closing.commit(conn)
-        closing = _Closing()
     ctx.publisher.publish(due)
     _run_jobs(ctx, jobs)
     return moved_early + _finish_calls(ctx, jobs)
