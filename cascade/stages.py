@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -379,15 +379,18 @@ def _stored_cap(snap: TaskSnapshot) -> int:
 
 def _answer_row(attempt_id: int, snap: TaskSnapshot, tier: ResolvedTier, group: Group,
                 done: Completion) -> dict[str, Any]:  # Any: parameters
-    """The answered request's row. Contents longer than the cap are cut (they fail as too_long)."""
+    """The answered request's row. Contents longer than the cap are cut (they fail as too_long); samples the
+    model stopped at max_tokens are listed in ``truncated`` (they fail as too_long too)."""
     cap = _stored_cap(snap)
     contents = [store.pg_text(c[:cap]) if c is not None else None for c in done.contents[: group.n]]
     cut = [f"sample {group.sample + i}: {len(c)} chars, stored {cap}"
            for i, c in enumerate(done.contents[: group.n]) if c is not None and len(c) > cap]
+    truncated = [group.sample + i for i, r in enumerate(done.finish_reasons[: group.n]) if r == "length"]
     return {
         "id": attempt_id, "latency_ms": done.latency_ms, "input_tokens": done.input_tokens,
         "output_tokens": done.output_tokens, "cost_usd": tier.model.price.cost(done.input_tokens, done.output_tokens),
         "error": None, "detail": "; ".join(cut)[:500] or None, "response": json.dumps(contents),
+        "truncated": json.dumps(truncated) if truncated else None,
     }
 
 
@@ -407,7 +410,7 @@ def _finish_calls(ctx: StageContext, jobs: list[_Job]) -> int:
             if deferred:
                 closing.move(held, JobStatus.QUEUED, held.tier, Stage.CALL, delay_s=deferred,
                              error=next(o.error_detail for o in job.outcomes if o.defer_s)[:1000])
-            elif job in gave_up and not answered[held.job_id]:
+            elif job in gave_up and not answered[held.job_id].contents:
                 first = _gave_up(job)[0]
                 verdict = validate.model_error(first.error_kind or "error", first.error_detail[:500],
                                                samples=job.tier.samples)
@@ -439,20 +442,22 @@ def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
             return 0
         answers = store.answers_many(conn, [held.job_id for held, _ in claimed], tier)
         for held, snap in claimed:
-            _apply_verdict(closing, snap, held, judge(snap, tier, answers[held.job_id]))
+            got = answers[held.job_id]
+            _apply_verdict(closing, snap, held, judge(snap, tier, got.contents, got.truncated))
         moved, due = closing.commit(conn)
     ctx.publisher.publish(due)
     return moved
 
 
-def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None]) -> validate.Verdict:
-    """The verdict on a tier's answers (sample index → content)."""
+def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None],
+          truncated: Collection[int] = ()) -> validate.Verdict:
+    """The verdict on a tier's answers (sample index → content; ``truncated``: samples cut at max_tokens)."""
     task, resolved = snap.task_type, snap.tier(tier)
     texts = [answers.get(i) for i in range(resolved.samples)]
     return validate.vote(
         texts, samples=resolved.samples, min_agreement=resolved.min_agreement, output=task.output,
         schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields,
-        accept_any=task.on_exhausted == "accept_last" and tier == snap.tier_count,
+        accept_any=task.on_exhausted == "accept_last" and tier == snap.tier_count, truncated=truncated,
     )
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "TRANSITIONS",
+    "Answers",
     "Attempt",
     "Base",
     "Batch",
@@ -149,6 +150,8 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[str | None] = mapped_column(Text)
     response: Mapped[list[str | None] | None] = mapped_column(JSONB)
+    #: sample indices the model cut off at max_tokens (finish_reason "length"); NULL when none
+    truncated: Mapped[list[int] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -367,41 +370,51 @@ def start_attempt(conn: Connection, job_id: int, tier: int, model: str, variant:
 
 _END_ATTEMPTS = text("""
 UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, output_tokens = e.output_tokens,
-                      cost_usd = e.cost_usd, error = e.error, detail = e.detail, response = CAST(e.response AS jsonb)
+                      cost_usd = e.cost_usd, error = e.error, detail = e.detail, response = CAST(e.response AS jsonb),
+                      truncated = CAST(e.truncated AS jsonb)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
             CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
-            CAST(:detail AS text[]), CAST(:response AS text[]))
-     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response)
+            CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]))
+     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated)
 WHERE a.id = e.id
 """)
-_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response")
+_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated")
 
 
 def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
-    response as JSON text) in one statement."""
+    response and truncated as JSON text or None; truncated may be left out) in one statement."""
     if rows:
         params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
-        params.update({name: [r[name] for r in rows] for name in _END_FIELDS})
+        params.update({name: [r.get(name) for r in rows] for name in _END_FIELDS})
         conn.execute(_END_ATTEMPTS, params)
 
 
 _ANSWERS = text("""
-SELECT job_id, sample, response FROM attempts WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
+SELECT job_id, sample, response, truncated FROM attempts WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
 """)
 
 
-def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, dict[int, str | None]]:
-    """Per job: sample index → content, from the requests whose answers count."""
-    out: dict[int, dict[int, str | None]] = {i: {} for i in job_ids}
-    for job_id, sample, response in conn.execute(_ANSWERS, {"ids": list(job_ids), "tier": tier}):
+@dataclass
+class Answers:
+    """A job's counted answers at one tier: sample index → content, and the samples cut off at max_tokens."""
+
+    contents: dict[int, str | None]
+    truncated: set[int]
+
+
+def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, Answers]:
+    """Per job: the answers of the requests that count."""
+    out = {i: Answers({}, set()) for i in job_ids}
+    for job_id, sample, response, truncated in conn.execute(_ANSWERS, {"ids": list(job_ids), "tier": tier}):
         for i, content in enumerate(response or []):
-            out[job_id][sample + i] = content
+            out[job_id].contents[sample + i] = content
+        out[job_id].truncated.update(truncated or [])
     return out
 
 
-def answers(conn: Connection, job_id: int, tier: int) -> dict[int, str | None]:
-    """Sample index → content of one job's counted answers at ``tier``."""
+def answers(conn: Connection, job_id: int, tier: int) -> Answers:
+    """One job's counted answers at ``tier``."""
     return answers_many(conn, [job_id], tier)[job_id]
 
 

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -281,8 +281,12 @@ def vote(
     length: Length,
     fields: Sequence[str] | None = None,
     accept_any: bool = False,
+    truncated: Collection[int] = (),
 ) -> Verdict:
     """Check k samples and vote on their canonical answers.
+
+    A sample in ``truncated`` (the model stopped at max_tokens) that passes every other check is
+    ``too_long`` all the same: a cut text can look complete.
 
     k is ``samples``: texts beyond k are ignored and missing ones count as invalid. Invalid samples
     do not vote but count in k. The majority answer (ties: the one whose first vote came earliest)
@@ -302,8 +306,10 @@ def vote(
     padded = [*texts[:samples], *[None] * (samples - len(texts))]
     valid: list[Any] = []  # Any: parsed answers
     invalid: list[Reason] = []
-    for text in padded:
+    for index, text in enumerate(padded):
         value, problems = check_sample(text, output=output, schema=schema, length=length)
+        if not problems and index in truncated:
+            problems = [Reason("too_long", "cut off at max_tokens (finish_reason length)")]
         if problems:
             invalid.extend(problems)
         else:

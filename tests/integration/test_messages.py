@@ -6,6 +6,7 @@ import pytest
 
 from cascade.client import Client
 from cascade.providers import ProviderPool
+from cascade.sim import SimModel
 from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import Stage
 from tests.integration import scenario
@@ -54,4 +55,35 @@ def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
                    for j, (status, tier, _) in expected.items()}
     assert sorted(publisher.due) == sorted((j, 2, Stage.CALL) for j, (_, tier, _) in expected.items() if tier > 1)
     assert env.scalar("SELECT count(*) FROM validations") == 6
+    providers.close()
+
+
+def test_a_text_answer_cut_at_max_tokens_fails_as_too_long_and_escalates(env, sim):
+    # Given a text task whose tier-1 model always stops at max_tokens (finish_reason "length", half an answer
+    # that still passes the length limits) and a tier-2 model that answers in full
+    base = scenario.sim_config()
+    sim_cfg = base.model_copy(update={"models": {**base.models, "small": SimModel(p_truncated=1.0)}})
+    server = sim(sim_cfg)
+    publisher = Recorder()
+    config = scenario.cascade_config(server.url)
+    client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
+    rows = scenario.rows(3, "summary")
+    batch = client.submit("summary", rows, key_field="id").batch_id
+    ids = [j for (j,) in env.rows("SELECT id FROM jobs WHERE batch_id = :b ORDER BY id", b=batch)]
+    providers = ProviderPool()
+    ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+
+    # When tier 1 runs and is validated, then tier 2
+    assert run_calls(ctx, ids, 1) == 3 and run_validates(ctx, ids, 1) == 3
+    assert run_calls(ctx, ids, 2) == 3 and run_validates(ctx, ids, 2) == 3
+
+    # Then every tier-1 answer is recorded as cut, long enough to have passed on its own, and failed as too_long
+    tier1 = env.rows("SELECT truncated, response->>0 AS text FROM attempts WHERE tier = 1 ORDER BY job_id")
+    assert [r.truncated for r in tier1] == [[0]] * 3
+    assert all(len(r.text) >= 3 for r in tier1)  # the task's min_chars
+    reasons = env.rows("SELECT reasons FROM validations WHERE tier = 1 ORDER BY job_id")
+    assert [[r["code"] for r in row.reasons] for row in reasons] == [["too_long"]] * 3
+    # And tier 2's full answers (finish_reason "stop", truncated NULL) succeeded
+    assert env.scalar("SELECT count(*) FROM attempts WHERE tier = 2 AND truncated IS NULL") == 3
+    assert [s for (s,) in env.rows("SELECT status FROM jobs ORDER BY id")] == ["succeeded"] * 3
     providers.close()

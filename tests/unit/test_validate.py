@@ -283,6 +283,28 @@ def test_vote_text_output_ignores_surrounding_whitespace() -> None:
     assert verdict.passed and verdict.votes == 2 and verdict.result == "Paris\n"
 
 
+def test_vote_fails_a_sample_cut_at_max_tokens_as_too_long() -> None:
+    # Given a text answer cut off by the model's token limit: it reads as complete and passes unmarked
+    assert run_vote(["Paris is the"], samples=1, min_agreement="1", output="text").passed
+    # When it is marked truncated
+    verdict = run_vote(["Paris is the"], samples=1, min_agreement="1", output="text", truncated={0})
+    # Then it fails as too_long, saying why
+    assert not verdict.passed and codes(verdict.reasons) == ["too_long"]
+    assert "max_tokens" in verdict.reasons[0].detail
+    # And among three samples a truncated one does not vote but counts in k
+    texts: list[str | None] = ["Paris is the capital", "Paris is the", "Paris is the capital"]
+    verdict = run_vote(texts, min_agreement="1", output="text", truncated={1})
+    assert not verdict.passed and verdict.votes == 2 and codes(verdict.reasons) == ["inconsistent", "too_long"]
+    assert run_vote(texts, min_agreement="0.66", output="text", truncated={1}).passed
+
+
+def test_truncated_invalid_json_keeps_its_own_reason_and_indices_beyond_k_are_ignored() -> None:
+    verdict = run_vote(['{"label": "ye', '{"label": "yes"}'], samples=2, min_agreement="1", truncated={0, 5})
+    assert not verdict.passed and codes(verdict.reasons) == ["inconsistent", "invalid_json"]
+    verdict = run_vote(['{"label": "yes"}'], samples=1, min_agreement="1", truncated={0})
+    assert not verdict.passed and codes(verdict.reasons) == ["too_long"]
+
+
 def test_vote_rejects_zero_samples() -> None:
     with pytest.raises(ValueError, match="samples must be at least 1"):
         run_vote([], samples=0)
