@@ -273,21 +273,6 @@ def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
     return {job_id for (job_id,) in conn.execute(_MOVE, params)}
 
 
-def move(
-    conn: Connection,
-    held: Claim,
-    *,
-    status: JobStatus,
-    tier: int,
-    stage: Stage,
-    output_json: str | None = None,
-    error: str | None = None,
-    delay_s: float = 0.0,
-) -> bool:
-    """End one claim (see ``move_many``). False if the claim was lost (lease expired)."""
-    return bool(move_many(conn, [Move(held, status, tier, stage, output_json, error, delay_s)]))
-
-
 def batch_config(conn: Connection, batch_id: str) -> dict[str, Any]:  # Any: snapshot JSON
     return dict(conn.execute(text("SELECT config FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one())
 
@@ -411,11 +396,6 @@ def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[in
             out[job_id].contents[sample + i] = content
         out[job_id].truncated.update(truncated or [])
     return out
-
-
-def answers(conn: Connection, job_id: int, tier: int) -> Answers:
-    """One job's counted answers at ``tier``."""
-    return answers_many(conn, [job_id], tier)[job_id]
 
 
 _VALIDATION = text("""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
 from cascade.client import Client
+from cascade.config import CascadeConfig
 from cascade.providers import ProviderPool
-from cascade.sim import SimModel
+from cascade.sim import SimConfig, SimModel
 from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import Stage
 from tests.integration import scenario
@@ -15,19 +19,43 @@ from tests.integration.audit import Recorder
 pytestmark = pytest.mark.integration
 
 
-def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
+@dataclass
+class InProcess:
+    """Jobs of one batch, and stages to run on them in this process (a Recorder instead of a broker)."""
+
+    ctx: StageContext
+    publisher: Recorder
+    config: CascadeConfig
+    rows: list[dict[str, Any]]
+    ids: list[int]
+
+
+@pytest.fixture
+def in_process(env, sim):
+    """Factory: submit ``n`` rows of ``task`` against a sim configured by ``sim_cfg``; providers closed after."""
+    providers = ProviderPool()
+
+    def make(sim_cfg: SimConfig, task: str, n: int) -> InProcess:
+        server = sim(sim_cfg)
+        publisher = Recorder()
+        config = scenario.cascade_config(server.url)
+        client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
+        rows = scenario.rows(n, task)
+        batch = client.submit(task, rows, key_field="id").batch_id
+        ids = [j for (j,) in env.rows("SELECT id FROM jobs WHERE batch_id = :b ORDER BY id", b=batch)]
+        ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+        return InProcess(ctx, publisher, config, rows, ids)
+
+    yield make
+    providers.close()
+
+
+def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, in_process):
     # Given six label jobs due at tier 1 (three samples in one request each; the sim's seed escalates
     # three of them), of which one already went on to validation
     sim_cfg = scenario.sim_config()
-    server = sim(sim_cfg)
-    publisher = Recorder()
-    config = scenario.cascade_config(server.url)
-    client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
-    rows = scenario.rows(6, "label")
-    batch = client.submit("label", rows, key_field="id").batch_id
-    ids = [j for (j,) in env.rows("SELECT id FROM jobs WHERE batch_id = :b ORDER BY id", b=batch)]
-    providers = ProviderPool()
-    ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+    run = in_process(sim_cfg, "label", 6)
+    ctx, publisher, ids = run.ctx, run.publisher, run.ids
     assert run_calls(ctx, ids[:1], 1) == 1
     publisher.due.clear()
 
@@ -47,31 +75,23 @@ def test_a_message_runs_only_its_due_jobs_and_reports_each_next_step(env, sim):
     assert run_validates(ctx, ids, 1) == 0  # the same message again changes nothing
 
     # Then each job is where the sim's seed says: done at tier 1, or due at tier 2 (and only those are published)
-    snap = config.snapshot("label")
-    expected = {j: scenario.predict(snap, sim_cfg, row) for j, row in zip(ids, rows, strict=True)}
+    snap = run.config.snapshot("label")
+    expected = {j: scenario.predict(snap, sim_cfg, row) for j, row in zip(ids, run.rows, strict=True)}
     assert sorted(tier for _, tier, _ in expected.values()) == [1, 1, 1, 2, 2, 3]
     got = dict(env.rows("SELECT id, CASE WHEN status = 'queued' THEN 'tier' || tier ELSE status END FROM jobs"))
     assert got == {j: "succeeded" if tier == 1 and status == "succeeded" else ("tier2" if tier > 1 else status)
                    for j, (status, tier, _) in expected.items()}
     assert sorted(publisher.due) == sorted((j, 2, Stage.CALL) for j, (_, tier, _) in expected.items() if tier > 1)
     assert env.scalar("SELECT count(*) FROM validations") == 6
-    providers.close()
 
 
-def test_a_text_answer_cut_at_max_tokens_fails_as_too_long_and_escalates(env, sim):
+def test_a_text_answer_cut_at_max_tokens_fails_as_too_long_and_escalates(env, in_process):
     # Given a text task whose tier-1 model always stops at max_tokens (finish_reason "length", half an answer
     # that still passes the length limits) and a tier-2 model that answers in full
     base = scenario.sim_config()
     sim_cfg = base.model_copy(update={"models": {**base.models, "small": SimModel(p_truncated=1.0)}})
-    server = sim(sim_cfg)
-    publisher = Recorder()
-    config = scenario.cascade_config(server.url)
-    client = Client(env.settings(), engine=env.engine, config=config, publisher=publisher)
-    rows = scenario.rows(3, "summary")
-    batch = client.submit("summary", rows, key_field="id").batch_id
-    ids = [j for (j,) in env.rows("SELECT id FROM jobs WHERE batch_id = :b ORDER BY id", b=batch)]
-    providers = ProviderPool()
-    ctx = StageContext(env.engine, publisher, providers, env.settings(), sleep=lambda s: None)
+    run = in_process(sim_cfg, "summary", 3)
+    ctx, ids = run.ctx, run.ids
 
     # When tier 1 runs and is validated, then tier 2
     assert run_calls(ctx, ids, 1) == 3 and run_validates(ctx, ids, 1) == 3
@@ -86,4 +106,3 @@ def test_a_text_answer_cut_at_max_tokens_fails_as_too_long_and_escalates(env, si
     # And tier 2's full answers (finish_reason "stop", truncated NULL) succeeded
     assert env.scalar("SELECT count(*) FROM attempts WHERE tier = 2 AND truncated IS NULL") == 3
     assert [s for (s,) in env.rows("SELECT status FROM jobs ORDER BY id")] == ["succeeded"] * 3
-    providers.close()
