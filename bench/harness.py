@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from cascade.config import CascadeSettings
 from cascade.migrate import upgrade
 from cascade.ratelimit import redis_url
 from cascade.store import make_engine
+from cascade.workercmd import worker_command
 
 __all__ = ["ROOT", "Row", "Scratch", "Services", "Sim", "scratch", "services", "wait_for"]
 
@@ -76,19 +77,11 @@ class Services:
 @contextlib.contextmanager
 def services() -> Iterator[Services]:
     """The benchmark's Postgres and Redis: given by CASCADE_BENCH_* or an embedded stack under /tmp."""
-    db, broker = os.environ.get("CASCADE_BENCH_DATABASE_URL"), os.environ.get("CASCADE_BENCH_BROKER_URL")
-    if db and broker:
-        yield Services(db, broker, embedded=False)
-        return
-    from cascade.embedded import start_embedded, stop_embedded
+    from cascade.stack import scratch_services
 
-    data_dir = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
-    try:
-        stack = start_embedded(data_dir)
-        yield Services(db or stack.database_url, broker or stack.broker_url, embedded=True)
-    finally:
-        stop_embedded(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    given = os.environ.get("CASCADE_BENCH_DATABASE_URL"), os.environ.get("CASCADE_BENCH_BROKER_URL")
+    with scratch_services(*given, prefix="cascade-bench-") as (db, broker):
+        yield Services(db, broker, embedded=not all(given))
 
 
 def free_port() -> int:
@@ -193,12 +186,11 @@ class Scratch:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
-    def worker(self, queues: str, *, name: str, app: str = "workers.app", pool: str = "gevent",
+    def worker(self, queues: str | Sequence[str], *, name: str, app: str = "workers.app", pool: str = "gevent",
                concurrency: int = 256, extra: tuple[str, ...] = (), **env: str) -> subprocess.Popen[bytes]:
         """A real `celery worker` child, returned once it logged "ready"."""
-        cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
-               "-Q", queues, "-n", f"{name}-{self.schema}@%h", "--without-gossip", "--without-mingle",
-               "--without-heartbeat", "-l", "info", *os.environ.get("BENCH_WORKER_ARGS", "").split(), *extra]
+        cmd = worker_command(queues, concurrency, name=f"{name}-{self.schema}@%h", pool=pool, app=app, loglevel="info",
+                             extra=("--without-heartbeat", *os.environ.get("BENCH_WORKER_ARGS", "").split(), *extra))
         proc = self.start(cmd, name, self.environ(**env))
         wait_for(lambda: " ready." in self.log(name) or proc.poll() is not None, 60, f"worker {name}")
         if proc.poll() is not None:

@@ -15,6 +15,7 @@ import time
 from bench import probe
 from bench.harness import Row, Scratch, Services, percentile, scratch, wait_for
 from bench.workload import bare_app, bare_chains, config, submit
+from cascade.publish import worker_queues
 
 __all__ = ["run"]
 
@@ -40,7 +41,7 @@ def _status(box: Scratch, batch: str) -> str:
 
 
 def cascade_hops(box: Scratch, jobs: int) -> list[float]:
-    worker = box.worker("tier1,tier2,tier3,validate", name="hops-cascade", app="bench.probe_app", BENCH_PROBE="1")
+    worker = box.worker(worker_queues(), name="hops-cascade", app="bench.probe_app", BENCH_PROBE="1")
     try:
         for _ in range(jobs):
             batch = submit(box, "hops", 1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -18,15 +17,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cascade import evaluation
 from cascade.config import CascadeSettings, load_config, load_settings
 from cascade.errors import CascadeError, ConfigError
-from cascade.publish import CeleryPublisher
+from cascade.publish import CeleryPublisher, configured_tiers, worker_queues
 from cascade.sim import Recording, SimServer, load_recordings
 from cascade.store import make_engine
+from cascade.workercmd import worker_command
 
 __all__ = ["eval_command", "open_pipeline", "parse_thresholds", "plot_reports", "report_table"]
 
@@ -113,24 +114,19 @@ def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, sta
     queues of its own (a private Redis key prefix), so workers already on the broker never see eval jobs.
     Everything started here, but the embedded services, stops when the block exits."""
     from cascade.migrate import upgrade
-    from cascade.stack import Children, worker_env
+    from cascade.stack import Children, with_services, worker_env
 
     data_dir = settings.data_dir.resolve()
     with ExitStack() as stack:
-        psql = None
-        if not (settings.database_url and settings.broker_url):
-            from cascade.embedded import embedded_stack
-
-            services = stack.enter_context(embedded_stack(data_dir / "services", keep=True))
-            settings = settings.model_copy(update={"database_url": settings.database_url or services.database_url,
-                                                   "broker_url": settings.broker_url or services.broker_url})
-            psql = services.psql_command
+        settings, services = with_services(stack, settings, data_dir / "services")
+        psql = services.psql_command if services else None
         database_url, broker_url = settings.database_url, settings.broker_url
         assert database_url and broker_url
         engine = make_engine(database_url, schema=settings.db_schema, pool_size=2)
         stack.callback(engine.dispose)
         upgrade(engine)
         sim = stack.enter_context(SimServer(recordings=recordings))
+        tiers = configured_tiers(settings)
         worker, log = None, None
         if start_worker:
             settings = settings.model_copy(update={"key_prefix": f"{settings.key_prefix}eval-{uuid.uuid4().hex[:8]}:"})
@@ -138,11 +134,9 @@ def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, sta
             log.parent.mkdir(parents=True, exist_ok=True)
             children = Children()
             stack.callback(children.stop)
-            cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "gevent", "-c",
-                   str(concurrency), "-Q", "tier1,tier2,tier3,validate", "--without-gossip", "--without-mingle",
-                   "-l", "warning", "-n", f"eval-{os.getpid()}@%h"]
+            cmd = worker_command(worker_queues(tiers), concurrency, name=f"eval-{os.getpid()}@%h")
             worker = children.start(cmd, worker_env(settings, settings.config), log)
-        publisher = CeleryPublisher.connect(settings, broker_url)
+        publisher = CeleryPublisher.connect(settings, broker_url, tiers=tiers)
         stack.callback(publisher.close)
         yield evaluation.Pipeline(engine, publisher, sim.url, settings, worker, log, psql)
 
@@ -194,7 +188,8 @@ def eval_command(
                 timeout=timeout, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
             psql = pipe.psql_command
     except CascadeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        # The message may hold user data (paths, rows, YAML): escaped, as cli.py does.
+        err.print("[red]error:[/red] " + escape(str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if reports is None:
         err.print(f"timeout: not every job finished within {timeout:g} s")

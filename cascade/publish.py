@@ -12,10 +12,11 @@ import base64
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cascade.config import CascadeSettings
+from cascade.config import CascadeConfig, CascadeSettings, load_config
+from cascade.errors import ConfigError
 from cascade.store import Stage
 
 if TYPE_CHECKING:
@@ -34,10 +35,16 @@ __all__ = [
     "Message",
     "Publisher",
     "all_queues",
+    "broker_errors",
     "celery_config",
+    "configured_tiers",
+    "declare_tier_queues",
+    "is_tier_queue",
     "messages",
     "queue_for",
+    "tier_count",
     "tier_queues",
+    "worker_queues",
 ]
 
 CALL_TASK = "cascade.call_model"
@@ -46,7 +53,10 @@ VALIDATE_QUEUE = "validate"
 SWEEP_TASK = "cascade.sweep"
 #: Celery beat's periodic sweep runs here, never behind a backlog on the tier queues (CELERY-NOTES §7).
 SWEEP_QUEUE = "sweep"
-MAX_TIERS = 3
+#: Tier queues declared whatever the config says (a deployment's workers and Flower keep their queues when
+#: a config has fewer tiers); a config with more tiers declares more (``tier_count``).
+MIN_TIERS = 3
+_TIER_QUEUE = re.compile(r"tier[1-9][0-9]*")
 #: A publish of at least this many messages takes the bulk path on Redis (the producer's chunks, sweeps);
 #: smaller ones (a stage's next steps) go through ``send_task`` with its signals and retry policy.
 BULK_MIN = 8
@@ -70,18 +80,71 @@ def messages(due: Sequence[Due], jobs_per_message: int) -> list[Message]:
     return out
 
 
-def tier_queues(count: int = MAX_TIERS) -> list[str]:
+def tier_count(config: CascadeConfig | None = None) -> int:
+    """How many tier queues a config needs: its longest cascade, and never fewer than ``MIN_TIERS``."""
+    longest = max((len(task.tiers) for task in config.task_types), default=0) if config else 0
+    return max(MIN_TIERS, longest)
+
+
+def configured_tiers(settings: CascadeSettings) -> int:
+    """``tier_count`` of the config file ``settings.config``; ``MIN_TIERS`` when there is none.
+
+    Workers need no config (a batch carries its own), so a missing or broken file is not fatal here: a broken
+    one is logged and ``MIN_TIERS`` is used. A worker still consumes any ``-Q tierN`` it is given
+    (workers/app.py declares it), and ``CeleryPublisher`` declares a tier queue the first time it publishes to it
+    (``declare_tier_queues``).
+    """
+    if not settings.config.is_file():
+        return tier_count()
+    try:
+        return tier_count(load_config(settings.config))
+    except ConfigError as exc:
+        log.warning("declaring %d tier queues: %s", MIN_TIERS, exc)
+        return tier_count()
+
+
+def tier_queues(count: int = MIN_TIERS) -> list[str]:
+    """``tier1`` .. ``tier{count}``."""
     return [f"tier{i}" for i in range(1, count + 1)]
 
 
-def all_queues() -> list[str]:
-    """Every queue cascade declares: tier1..tier3, validate and sweep."""
-    return [*tier_queues(), VALIDATE_QUEUE, SWEEP_QUEUE]
+def is_tier_queue(name: str) -> bool:
+    """Whether ``name`` is a tier's call queue (``tierN``, N ≥ 1)."""
+    return _TIER_QUEUE.fullmatch(name) is not None
+
+
+def worker_queues(tiers: int = MIN_TIERS) -> list[str]:
+    """The queues a worker running every stage consumes: tier1..tier{tiers} and validate."""
+    return [*tier_queues(tiers), VALIDATE_QUEUE]
+
+
+def all_queues(tiers: int = MIN_TIERS) -> list[str]:
+    """Every queue cascade declares: tier1..tier{tiers}, validate and sweep."""
+    return [*worker_queues(tiers), SWEEP_QUEUE]
+
+
+def broker_errors() -> tuple[type[Exception], ...]:
+    """What a broker outage raises through kombu (its OperationalError), for loops that retry later."""
+    from kombu.exceptions import OperationalError
+
+    return (OperationalError,)
 
 
 def queue_for(tier: int, stage: Stage) -> str:
     """Tier N's call stage runs on queue ``tierN``; every validation on ``validate``."""
     return f"tier{tier}" if stage is Stage.CALL else VALIDATE_QUEUE
+
+
+def declare_tier_queues(app: Celery, names: Iterable[str]) -> None:
+    """Declare in ``app`` each tier queue among ``names`` that it does not declare yet; other names are left
+    alone (an undeclared one stays an error, as ``task_create_missing_queues`` is off)."""
+    queues = app.amqp.queues
+    missing = [name for name in names if is_tier_queue(name) and name not in queues]
+    if missing:
+        from kombu import Queue
+
+        for name in missing:
+            queues.add(Queue(name))
 
 
 class Publisher(Protocol):
@@ -92,8 +155,10 @@ class Publisher(Protocol):
         """Messages waiting per queue in the broker (the sweeper compares them with Postgres)."""
 
 
-def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:  # Any: Celery's settings
-    """The Celery settings every process (workers, producers, the sweeper) must share."""
+def celery_config(settings: CascadeSettings, broker_url: str,
+                  tiers: int = MIN_TIERS) -> dict[str, Any]:  # Any: Celery's settings
+    """The Celery settings every process (workers, producers, the sweeper) must share, declaring
+    ``tiers`` tier queues (``configured_tiers`` gives the loaded config's count)."""
     from kombu import Queue  # imported here: the rest of the core imports this module without Celery
 
     transport: dict[str, Any] = {  # Any: kombu transport options
@@ -105,8 +170,10 @@ def celery_config(settings: CascadeSettings, broker_url: str) -> dict[str, Any]:
     }
     if settings.key_prefix:
         transport["global_keyprefix"] = settings.key_prefix
-    # Every queue is declared up front: Flower lists task_queues until it has inspected a worker.
-    queues = all_queues()
+    # Every queue is declared up front: Flower lists task_queues until it has inspected a worker. Missing
+    # queues stay an error (a typo in -Q must not start a worker on a queue nobody publishes to); only tier
+    # queues beyond these are added, by name (declare_tier_queues).
+    queues = all_queues(tiers)
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport,
@@ -140,12 +207,14 @@ class CeleryPublisher:
         self._templates: dict[tuple[str, str], _Envelope] = {}
 
     @classmethod
-    def connect(cls, settings: CascadeSettings, broker_url: str) -> CeleryPublisher:
+    def connect(cls, settings: CascadeSettings, broker_url: str, *, tiers: int | None = None) -> CeleryPublisher:
+        """A sending-only app declaring ``tiers`` tier queues (default: ``configured_tiers(settings)``)."""
         from celery import Celery
 
         app = Celery("cascade-producer", set_as_current=False)
-        app.conf.update(celery_config(settings, broker_url))
+        app.conf.update(celery_config(settings, broker_url, configured_tiers(settings) if tiers is None else tiers))
         return cls(app, jobs_per_message=settings.jobs_per_message)
+
 
     def publish(self, due: Sequence[Due]) -> None:
         """Send the dues as task messages of up to ``jobs_per_message`` job ids (``messages``).
@@ -158,6 +227,8 @@ class CeleryPublisher:
         batch = messages(due, self.jobs_per_message)
         if not batch:
             return
+        # A job may escalate beyond the tiers this process declared (it has no config, or an older one).
+        declare_tier_queues(self.app, {queue_for(tier, stage) for _, tier, stage in batch})
         with self.app.producer_or_acquire() as producer:
             if len(batch) >= BULK_MIN and _is_redis(producer):
                 errors = producer.connection.connection_errors + producer.connection.channel_errors
@@ -188,7 +259,10 @@ class CeleryPublisher:
             pipe.execute()
 
     def queue_lengths(self) -> dict[str, int]:
-        queues = [*tier_queues(), VALIDATE_QUEUE]
+        """Messages waiting on every tier queue this app declares (``tiers`` at connect, plus any it
+        published to since) and on validate."""
+        declared = [name for name in self.app.amqp.queues if is_tier_queue(name)]
+        queues = [*sorted(declared, key=lambda name: int(name[4:])), VALIDATE_QUEUE]
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             client = getattr(channel, "client", None)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ from sqlalchemy import Engine, text
 
 from cascade.config import CascadeSettings
 from cascade.migrate import upgrade
+from cascade.publish import worker_queues
 from cascade.sim import SimConfig, SimServer
 from cascade.store import make_engine
+from cascade.workercmd import worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,22 +42,11 @@ class Services:
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    db = os.environ.get("CASCADE_TEST_DATABASE_URL")
-    broker = os.environ.get("CASCADE_TEST_BROKER_URL")
-    if db and broker:
-        yield Services(db, broker)
-        return
-    from cascade.embedded import start_embedded, stop_embedded
+    from cascade.stack import scratch_services
 
-    # Not under pytest's tmp_path: as root, Postgres runs as another user that must enter every parent
-    # directory, and pytest resets /tmp/pytest-of-root to mode 0700.
-    data_dir = Path(tempfile.mkdtemp(prefix="cascade-test-"))
-    stack = start_embedded(data_dir)
-    try:
-        yield Services(db or stack.database_url, broker or stack.broker_url)
-    finally:
-        stop_embedded(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with scratch_services(os.environ.get("CASCADE_TEST_DATABASE_URL"), os.environ.get("CASCADE_TEST_BROKER_URL"),
+                          prefix="cascade-test-") as (db, broker):
+        yield Services(db, broker)
 
 
 @dataclass
@@ -149,15 +140,15 @@ class WorkerProcess:
 
 @pytest.fixture
 def workers(env: Env, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Factory: ``workers(queues="tier1,...", concurrency=64)`` starts a real `celery worker` process."""
+    """Factory: ``workers(queues="tier1,...", concurrency=64)`` starts a real `celery worker` process (queues:
+    names or one comma-separated string; by default every stage's queue of a three-tier cascade)."""
     started: list[WorkerProcess] = []
 
-    def start(queues: str = "tier1,tier2,tier3,validate", concurrency: int = 64, pool: str = "gevent",
+    def start(queues: str | Sequence[str] = tuple(worker_queues()), concurrency: int = 64, pool: str = "gevent",
               args: tuple[str, ...] = (), **extra_env: str) -> WorkerProcess:
         name = f"w{len(started)}-{env.schema}@%h"
         log = tmp_path / f"worker{len(started)}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", pool, "-c", str(concurrency),
-               "-Q", queues, "-n", name, "--without-gossip", "--without-mingle", "-l", "warning", *args]
+        cmd = worker_command(queues, concurrency, name=name, pool=pool, extra=args)
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, env=env.environ(**extra_env), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         worker = WorkerProcess(proc, log)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import celeryd_init
 
 from cascade.config import load_settings
 from cascade.errors import ConfigError
-from cascade.publish import SWEEP_QUEUE, SWEEP_TASK, celery_config
+from cascade.publish import SWEEP_QUEUE, SWEEP_TASK, celery_config, configured_tiers, declare_tier_queues
 
 settings = load_settings()
 if not settings.broker_url:
@@ -15,7 +18,9 @@ if not settings.broker_url:
                       "it prints)")
 
 app = Celery("cascade", include=["workers.tasks"])
-app.conf.update(celery_config(settings, settings.broker_url))
+# Tier queues follow the config file when this process has one (Flower then lists them all before any worker
+# consumes them); a worker needs none, since batches carry their config (see _consume_tier_queues).
+app.conf.update(celery_config(settings, settings.broker_url, configured_tiers(settings)))
 # `celery -A workers.app beat` runs the sweeper periodically (one beat per deployment; the sweep itself also
 # holds a Postgres advisory lock). Its own queue keeps it from waiting behind a tier backlog, and `expires`
 # drops sweeps that could not run in time instead of piling them up.
@@ -26,3 +31,11 @@ app.conf.beat_schedule = {
         "options": {"queue": SWEEP_QUEUE, "expires": settings.sweep_every_s},
     },
 }
+
+
+@celeryd_init.connect
+def _consume_tier_queues(options: dict[str, Any], **_: Any) -> None:  # Any: the worker's CLI options
+    """`celery worker -Q tier4,...` consumes tier4 even where no config declares four tiers: the queues named
+    by -Q are declared before the worker selects them (a name that is not a tier queue is still refused)."""
+    queues = options.get("queues") or []
+    declare_tier_queues(app, queues.split(",") if isinstance(queues, str) else queues)
