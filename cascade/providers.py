@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict
+from typing import Any, TypedDict
 
 import httpx
 
@@ -26,7 +26,7 @@ from cascade.errors import (
     ProviderUnavailable,
 )
 
-__all__ = ["ChatProvider", "Completion", "Message", "Provider", "ProviderPool"]
+__all__ = ["ChatProvider", "Completion", "Message", "ProviderPool"]
 
 #: Bodies larger than this are cut off: a model answering megabytes must not exhaust a worker.
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -46,19 +46,6 @@ class Completion:
     input_tokens: int
     output_tokens: int
     latency_ms: int
-
-
-class Provider(Protocol):
-    def complete(
-        self,
-        messages: list[Message],
-        *,
-        n: int,
-        max_tokens: int,
-        temperature: float,
-        response_format: dict[str, Any] | None,  # Any: OpenAI's response_format object
-        headers: dict[str, str],
-    ) -> Completion: ...
 
 
 class ChatProvider:

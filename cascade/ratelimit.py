@@ -77,13 +77,11 @@ class Reservation:
         granted: the slots are the caller's; it sleeps ``wait_s(i)`` before its i-th request.
         first_s: seconds from now until the first slot (negative: the burst allows it now).
         interval_s: spacing of the following slots.
-        held: denied, but the slots are booked under the hold key for the job's next claim.
     """
 
     granted: bool
     first_s: float
     interval_s: float
-    held: bool = False
 
     def wait_s(self, index: int) -> float:
         """Seconds to wait before the ``index``-th (0-based) request of this reservation."""
@@ -154,7 +152,7 @@ class RedisRateLimiter:
         except redis.RedisError as exc:
             log.warning("rate limiter for model %r unavailable, not limiting: %s", model, exc)
             return UNLIMITED
-        return Reservation(bool(granted), int(first) / _US, interval / _US, held=not granted and hold is not None)
+        return Reservation(bool(granted), int(first) / _US, interval / _US)
 
     def close(self) -> None:
         self._client.close()

@@ -54,6 +54,8 @@ class StageContext:
     settings: CascadeSettings
     sleep: Callable[[float], None] = time.sleep
     rate_limiter: RateLimiter | None = None
+    #: the heartbeating worker process that claims (``cascade.liveness``); None: claims rely on their lease
+    worker_id: str | None = None
     _snapshots: OrderedDict[str, TaskSnapshot] = field(default_factory=OrderedDict)
 
     def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]]) -> TaskSnapshot:
@@ -157,16 +159,17 @@ class _Closing:
             self.next_steps[held.job_id] = then
 
     def commit(self, conn: Connection) -> tuple[int, list[Due]]:
-        """Write everything; the jobs that moved and the messages due for them (only those that moved)."""
-        store.record_validations(conn, self.validations)
+        """Write everything; the jobs that moved and the messages due for them (only those that moved). A
+        verdict is recorded only for a job that moved: a claim that was taken over leaves no trace."""
         moved = store.move_many(conn, self.moves)
+        store.record_validations(conn, [v for v in self.validations if v["job_id"] in moved])
         return len(moved), [due for job_id, due in self.next_steps.items() if job_id in moved]
 
 
 def _claim(ctx: StageContext, conn: Connection, job_ids: Sequence[int], tier: int,
            stage: Stage) -> list[tuple[Claim, TaskSnapshot]]:
     """Claim the jobs due at (tier, stage), each with its batch's snapshot; the others already moved on."""
-    claims = store.claim(conn, job_ids, tier, stage, ctx.settings.lease_s)
+    claims = store.claim(conn, job_ids, tier, stage, ctx.settings.lease_s, ctx.worker_id)
     if len(claims) < len(job_ids):
         # Losing the race is normal (a redelivered or re-published message): not an error.
         log.debug("tier %s %s: %d of %d jobs already moved on", tier, stage.value, len(job_ids) - len(claims),
@@ -303,10 +306,10 @@ def _request(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, group: G
                              temperature=tier.temperature, response_format=_response_format(snap), headers=headers)
 
 
-def _start_attempt(ctx: StageContext, held: Claim, tier: ResolvedTier, group: Group) -> int:
+def _start_attempt(ctx: StageContext, held: Claim, tier: ResolvedTier, group: Group) -> int | None:
+    """The row of a request about to go out; None when the claim was taken over meanwhile (no request)."""
     with ctx.engine.begin() as conn:
-        return store.start_attempt(conn, held.job_id, held.tier, tier.model.name, group.variant, group.sample,
-                                   group.n)
+        return store.start_held_attempt(conn, held, tier.model.name, group.variant, group.sample, group.n)
 
 
 def _run_group(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: Claim, work: _Work) -> _Outcome:
@@ -316,7 +319,7 @@ def _run_group(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: 
     if attempt_id is None:
         ctx.sleep(work.wait_s)
         attempt_id = _start_attempt(ctx, held, tier, work.group)
-    while True:
+    while attempt_id is not None:
         started = time.monotonic()
         try:
             done = _request(ctx, snap, tier, work.group)
@@ -329,6 +332,8 @@ def _run_group(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, held: 
         out.rows.append(_answer_row(attempt_id, snap, tier, work.group, done))
         out.answered = True
         return out
+    out.error_kind, out.error_detail = "taken_over", "the job was handed to another worker"
+    return out
 
 
 def _retry(ctx: StageContext, tier: ResolvedTier, work: _Work, exc: ProviderError, out: _Outcome) -> bool:

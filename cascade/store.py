@@ -1,4 +1,4 @@
-"""PostgreSQL: tables, the job state machine, and the queries the stages and CLI need.
+"""PostgreSQL: the job state machine and the queries the stages and CLI need (the Alembic migrations own the schema).
 
 Every state change is one conditional UPDATE (``... WHERE id = :id AND status = :from AND tier = :t
 AND stage = :s``); zero rows means another worker already moved the job, so a duplicate or late
@@ -11,47 +11,24 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Connection,
-    DateTime,
-    Engine,
-    ForeignKey,
-    Index,
-    Integer,
-    Numeric,
-    Text,
-    create_engine,
-    func,
-    text,
-)
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import Connection, Engine, create_engine, text
+
+from cascade.errors import IllegalTransition
 
 __all__ = [
     "TRANSITIONS",
     "Answers",
-    "Attempt",
-    "Base",
-    "Batch",
     "Claim",
     "History",
-    "Job",
     "JobStatus",
     "Move",
     "NewAttempt",
     "Stage",
-    "Validation",
     "make_engine",
     "normalize_url",
 ]
-
-MONEY = Numeric(24, 12)
 
 
 class JobStatus(enum.StrEnum):
@@ -77,98 +54,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
 }
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Batch(Base):
-    __tablename__ = "batches"
-
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    task_type: Mapped[str] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
-    content_hash: Mapped[str] = mapped_column(Text)
-    config: Mapped[dict[str, Any]] = mapped_column(JSONB)  # Any: the task snapshot's JSON
-    config_hash: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    rows: Mapped[int] = mapped_column(Integer)
-    source: Mapped[str | None] = mapped_column(Text)
-    tiers: Mapped[int] = mapped_column(Integer)
-    top_input_per_mtok: Mapped[Decimal] = mapped_column(MONEY)
-    top_output_per_mtok: Mapped[Decimal] = mapped_column(MONEY)
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    __table_args__ = (
-        Index("jobs_batch_key", "batch_id", "key", unique=True),
-        Index("jobs_batch_status", "batch_id", "status"),
-        Index("jobs_task_type", "task_type", "status", "tier"),
-        Index("jobs_active", "status", "stage", "tier", postgresql_where=text("status IN ('queued', 'running')")),
-    )
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(Text, ForeignKey("batches.id", ondelete="CASCADE"))
-    task_type: Mapped[str] = mapped_column(Text)
-    key: Mapped[str] = mapped_column(Text)
-    input: Mapped[dict[str, Any]] = mapped_column(JSONB)  # Any: the user's row
-    status: Mapped[str] = mapped_column(Text, server_default=JobStatus.QUEUED.value)
-    tier: Mapped[int] = mapped_column(Integer, server_default="1")
-    stage: Mapped[str] = mapped_column(Text, server_default=Stage.CALL.value)
-    claim_no: Mapped[int] = mapped_column(Integer, server_default="0")
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    output: Mapped[Any | None] = mapped_column(JSONB)  # Any: parsed model output
-    error: Mapped[str | None] = mapped_column(Text)
-    cost_usd: Mapped[Decimal] = mapped_column(MONEY, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class Attempt(Base):
-    __tablename__ = "attempts"
-    __table_args__ = (
-        Index("attempts_job_tier", "job_id", "tier"),
-        # At most one answer that counts per (job, tier, sample): a request repeated after a crash is a retry.
-        Index("attempts_answer", "job_id", "tier", "sample", unique=True, postgresql_where=text("error IS NULL")),
-    )
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"))
-    tier: Mapped[int] = mapped_column(Integer)
-    model: Mapped[str] = mapped_column(Text)
-    variant: Mapped[str | None] = mapped_column(Text)
-    sample: Mapped[int] = mapped_column(Integer)
-    n: Mapped[int] = mapped_column(Integer)
-    latency_ms: Mapped[int | None] = mapped_column(Integer)
-    input_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
-    output_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
-    cost_usd: Mapped[Decimal] = mapped_column(MONEY, server_default="0")
-    error: Mapped[str | None] = mapped_column(Text)
-    detail: Mapped[str | None] = mapped_column(Text)
-    response: Mapped[list[str | None] | None] = mapped_column(JSONB)
-    #: sample indices the model cut off at max_tokens (finish_reason "length"); NULL when none
-    truncated: Mapped[list[int] | None] = mapped_column(JSONB)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-
-
-class Validation(Base):
-    __tablename__ = "validations"
-    __table_args__ = (Index("validations_job_tier", "job_id", "tier", unique=True),)
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"))
-    tier: Mapped[int] = mapped_column(Integer)
-    model: Mapped[str] = mapped_column(Text)
-    passed: Mapped[bool] = mapped_column(Boolean)
-    reasons: Mapped[list[dict[str, str]]] = mapped_column(JSONB)
-    agreement: Mapped[Decimal | None] = mapped_column(Numeric(8, 6))
-    votes: Mapped[int] = mapped_column(Integer, server_default="0")
-    samples: Mapped[int] = mapped_column(Integer, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 @dataclass(frozen=True)
@@ -206,25 +91,29 @@ def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None, pre_
     )
 
 
-def ping(conn: Connection) -> None:
-    conn.execute(text("SELECT 1"))
-
-
 # --- state transitions -------------------------------------------------------------------------
 
+# SKIP LOCKED: a job locked by another transaction (a sweep re-publishing it, a claim of a duplicate message,
+# a frozen worker's open transaction) is left to its holder instead of stalling this worker's slot; if it
+# is still due afterwards, its own message or the sweeper brings it back.
 _CLAIM = text("""
-UPDATE jobs SET status = 'running', claim_no = claim_no + 1,
+UPDATE jobs SET status = 'running', claim_no = claim_no + 1, worker_id = :worker_id,
                 lease_until = now() + make_interval(secs => :lease_s), not_before = NULL
-WHERE id = ANY(:ids) AND status = 'queued' AND tier = :tier AND stage = :stage
-  AND (not_before IS NULL OR not_before <= now())
+WHERE id IN (SELECT id FROM jobs
+             WHERE id = ANY(:ids) AND status = 'queued' AND tier = :tier AND stage = :stage
+               AND (not_before IS NULL OR not_before <= now())
+             FOR UPDATE SKIP LOCKED)
 RETURNING id, batch_id, key, input, tier, stage, claim_no
 """)
 
 
-def claim(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage, lease_s: float) -> list[Claim]:
+def claim(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage, lease_s: float,
+          worker_id: str | None = None) -> list[Claim]:
     """Take the jobs of ``job_ids`` that are due at (tier, stage), in one statement; the others already moved
-    on (a duplicate or late message) and are left alone."""
-    rows = conn.execute(_CLAIM, {"ids": list(job_ids), "tier": tier, "stage": stage.value, "lease_s": lease_s})
+    on (a duplicate or late message) and are left alone. ``worker_id`` names the heartbeating process that
+    holds them (``cascade.liveness``); without one, only ``lease_s`` protects the claim."""
+    rows = conn.execute(_CLAIM, {"ids": list(job_ids), "tier": tier, "stage": stage.value, "lease_s": lease_s,
+                                 "worker_id": worker_id})
     return sorted((Claim(r.id, r.batch_id, r.key, r.input, r.tier, Stage(r.stage), r.claim_no) for r in rows),
                   key=lambda c: c.job_id)
 
@@ -259,11 +148,17 @@ RETURNING j.id
 
 def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
     """End claims in one statement; returns the ids that moved (a claim whose lease expired and was taken
-    over by another worker does not)."""
+    over by another worker does not).
+
+    Raises:
+        IllegalTransition: a move leaves ``running`` for a status ``TRANSITIONS`` does not allow; nothing moves.
+    """
     if not moves:
         return set()
     for m in moves:
-        assert m.status in TRANSITIONS[JobStatus.RUNNING], m.status
+        # A real check, not an assert: `python -O` strips asserts, and a wrong move must never reach the table.
+        if m.status not in TRANSITIONS[JobStatus.RUNNING]:
+            raise IllegalTransition(m.held.job_id, JobStatus.RUNNING, m.status)
     params = {
         "ids": [m.held.job_id for m in moves], "claim_nos": [m.held.claim_no for m in moves],
         "statuses": [m.status.value for m in moves], "tiers": [m.tier for m in moves],
@@ -271,6 +166,21 @@ def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
         "errors": [m.error for m in moves], "delays": [float(m.delay_s) for m in moves],
     }
     return {job_id for (job_id,) in conn.execute(_MOVE, params)}
+
+
+_RELEASE = text("""
+UPDATE jobs j SET status = 'queued', lease_until = NULL, published_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[])) AS c(id, claim_no)
+WHERE j.id = c.id AND j.claim_no = c.claim_no AND j.status = 'running'
+RETURNING j.id, j.tier, j.stage
+""")
+
+
+def release(conn: Connection, claims: Sequence[Claim]) -> list[tuple[int, int, Stage]]:
+    """Hand claims back to their queue unchanged (the stage could not finish them); returns the (job, tier,
+    stage)s to publish. A claim that already moved, or was taken over, is left alone."""
+    rows = conn.execute(_RELEASE, {"ids": [c.job_id for c in claims], "claim_nos": [c.claim_no for c in claims]})
+    return [(job_id, tier, Stage(stage)) for job_id, tier, stage in rows]
 
 
 def batch_config(conn: Connection, batch_id: str) -> dict[str, Any]:  # Any: snapshot JSON
@@ -347,32 +257,60 @@ def start_attempts(conn: Connection, new: Sequence[NewAttempt]) -> list[int]:
     return [ids[(a.job_id, a.tier, a.sample)] for a in new]
 
 
-def start_attempt(conn: Connection, job_id: int, tier: int, model: str, variant: str | None,
-                  sample: int, n: int) -> int:
-    """Insert the row of one request about to go out."""
-    return start_attempts(conn, [NewAttempt(job_id, tier, model, variant, sample, n)])[0]
+_HELD_ATTEMPT = text("""
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
+SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight' FROM jobs
+WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no
+FOR SHARE
+RETURNING id
+""")
 
 
+def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str | None, sample: int,
+                       n: int) -> int | None:
+    """Insert the row of one request about to go out, if ``held`` is still this worker's claim; None when the
+    job was taken over (the worker froze or lost Postgres for longer than the dead-after bound): its request
+    must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted."""
+    row = conn.execute(_HELD_ATTEMPT, {"job_id": held.job_id, "claim_no": held.claim_no, "tier": held.tier,
+                                       "model": model, "variant": variant, "sample": sample, "n": n}).first()
+    return None if row is None else int(row.id)
+
+
+# A row marked interrupted meanwhile belongs to a claim that was taken over (its worker froze past the
+# dead-after bound, then resumed): its tokens and cost are recorded (the provider billed them) but its
+# error stays, so it never counts as an answer beside the new claim's.
 _END_ATTEMPTS = text("""
 UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, output_tokens = e.output_tokens,
-                      cost_usd = e.cost_usd, error = e.error, detail = e.detail, response = CAST(e.response AS jsonb),
-                      truncated = CAST(e.truncated AS jsonb)
+                      cost_usd = e.cost_usd,
+                      error = CASE WHEN a.error = 'in_flight' THEN e.error ELSE a.error END,
+                      detail = CASE WHEN a.error = 'in_flight' THEN e.detail
+                                    ELSE 'came back after the job was taken over: ' || coalesce(e.error, 'answer') END,
+                      response = CAST(e.response AS jsonb), truncated = CAST(e.truncated AS jsonb)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
             CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
             CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]))
      AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated)
-WHERE a.id = e.id
+WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
+RETURNING a.job_id, a.error = 'interrupted' AS late
 """)
 _END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated")
+# A late answer's cost joins its job's total at once (a job that already finished is not moved again).
+_RECOST = text("""
+UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id)
+WHERE id = ANY(:ids)
+""")
 
 
 def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
-    response and truncated as JSON text or None; truncated may be left out) in one statement."""
+    response and truncated as JSON text or None; truncated may be left out) in one statement. A request
+    whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job."""
     if rows:
         params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
         params.update({name: [r.get(name) for r in rows] for name in _END_FIELDS})
-        conn.execute(_END_ATTEMPTS, params)
+        late = {job_id for job_id, is_late in conn.execute(_END_ATTEMPTS, params) if is_late}
+        if late:
+            conn.execute(_RECOST, {"ids": sorted(late)})
 
 
 _ANSWERS = text("""

@@ -3,10 +3,13 @@ producer), never rows."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from celery.signals import worker_process_shutdown, worker_shutdown
 from sqlalchemy.exc import DBAPIError
 
+from cascade.liveness import Heartbeat, new_worker_id
 from cascade.providers import ProviderPool
 from cascade.publish import CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
 from cascade.stages import StageContext, run_calls, run_validates
@@ -15,6 +18,8 @@ from cascade.sweeper import sweep as sweep_once
 from workers.app import app, settings
 
 _context: StageContext | None = None
+_heartbeat: Heartbeat | None = None
+_building = threading.Lock()
 
 # A Postgres blip raises before the stage committed; Celery then re-sends the message (short
 # countdown, well under the visibility timeout) and acks the old one. The sweeper covers the rest.
@@ -29,20 +34,40 @@ RETRY: dict[str, Any] = {
 def context() -> StageContext:
     """The process's StageContext, built on first use (after gevent patched the process)."""
     global _context
-    if _context is None:
-        if not settings.database_url:
-            raise RuntimeError("CASCADE_DATABASE_URL is not set")
-        # About one connection per slot: a message's stage holds one for its claim and one for its close.
-        pool = max(4, min(64, int(app.conf.worker_concurrency or 4)))
-        _context = StageContext(
-            # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
-            # DBAPIError, which the tasks retry (RETRY below).
-            engine=make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False),
-            publisher=CeleryPublisher(app, jobs_per_message=settings.jobs_per_message),
-            providers=ProviderPool(),
-            settings=settings,
-        )
-    return _context
+    with _building:  # the heartbeat's first write yields to other greenlets: build one context, not several
+        if _context is None:
+            _context = _build()
+        return _context
+
+
+def _build() -> StageContext:
+    global _heartbeat
+    if not settings.database_url:
+        raise RuntimeError("CASCADE_DATABASE_URL is not set")
+    # About one connection per slot: a message's stage holds one for its claim and one for its close.
+    pool = max(4, min(64, int(app.conf.worker_concurrency or 4)))
+    # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
+    # DBAPIError, which the tasks retry (RETRY below).
+    engine = make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False)
+    # Registered before the first claim: the sweeper takes this process's jobs back only once its
+    # heartbeat stops (cascade.liveness), never while a slow request is still running.
+    _heartbeat = Heartbeat(engine, new_worker_id(), settings.heartbeat_s).start()
+    return StageContext(
+        engine=engine,
+        publisher=CeleryPublisher(app, jobs_per_message=settings.jobs_per_message),
+        providers=ProviderPool(),
+        settings=settings,
+        worker_id=_heartbeat.worker_id,
+    )
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    """After a warm shutdown finished its tasks: forget this worker, so anything it still held is swept
+    back at once."""
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 def _ids(job_ids: list[int] | int) -> list[int]:
@@ -63,4 +88,4 @@ def validate(job_ids: list[int] | int, tier: int) -> None:
 def sweep() -> None:
     ctx = context()
     sweep_once(ctx.engine, ctx.publisher, stalled_after_s=settings.stalled_after_s,
-               jobs_per_message=settings.jobs_per_message)
+               dead_after_s=settings.worker_dead_after_s, jobs_per_message=settings.jobs_per_message)

@@ -80,3 +80,16 @@ def test_unknown_batch_is_exit_2(env, sim, tmp_path):
     result = _cli(env, config, "status", "nope")
     assert result.returncode == 2
     assert "no batch 'nope'" in result.stderr
+
+
+def test_results_refuses_an_unknown_format(env, sim, tmp_path):
+    # Given a submitted batch
+    config = _config_file(tmp_path, sim().url)
+    rows = "".join(json.dumps(r) + "\n" for r in scenario.rows(2, "summary"))
+    batch = _cli(env, config, "submit", "summary", "-", "--key-field", "id", stdin=rows).stdout.strip()
+    # When its results are asked for in a format cascade does not write
+    result = _cli(env, config, "results", batch, "--format", "xml")
+    # Then the command fails with exit 2, names the format and the ones it knows, and prints no rows
+    assert result.returncode == 2
+    assert "--format must be jsonl or csv, not 'xml'" in result.stderr
+    assert result.stdout == ""

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cascade.embedded import stop_embedded
+from cascade.embedded import start_embedded, stop_embedded
 from cascade.stack import DEMO_DATA
 from tests.conftest import ROOT, wait_for
 from tests.integration.test_demo import _leftovers
@@ -58,4 +58,36 @@ def test_dev_prints_exports_that_work_and_ctrl_c_stops_everything():
     finally:
         if dev.poll() is None:
             dev.kill()
+        stop_embedded(data_dir / "services")
+
+
+def _dev_stop(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    # As in a container, cron job or `su` shell: no login session, so no XDG_RUNTIME_DIR.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_") and k != "XDG_RUNTIME_DIR"}
+    return subprocess.run([sys.executable, "-m", "cascade.cli", "dev", "--stop", "--data-dir", str(data_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_dev_stop_with_nothing_running_says_so_and_warns_nothing(tmp_path):
+    # Given a data directory where no embedded service runs, and no XDG_RUNTIME_DIR
+    # When the user stops the embedded services
+    stopped = _dev_stop(tmp_path / "cascade")
+    # Then it succeeds, says that nothing was running, and prints no library warning
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stderr.strip() == "no embedded services were running"
+    assert "Warning" not in stopped.stderr
+
+
+def test_dev_stop_stops_running_services_and_warns_nothing(tmp_path):
+    # Given embedded services left up for a data directory (as `cascade demo` leaves them)
+    data_dir = tmp_path / "cascade"
+    stack = start_embedded(data_dir / "services")
+    try:
+        # When the user stops them, without XDG_RUNTIME_DIR
+        stopped = _dev_stop(data_dir)
+        # Then they are stopped, it says so, and prints no library warning
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stderr.strip() == "embedded services stopped"
+        assert not _leftovers(stack.data_dir, set())
+    finally:
         stop_embedded(data_dir / "services")

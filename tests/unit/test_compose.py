@@ -227,7 +227,7 @@ BREAKAGES = [
     ("unknown setting", _set_env("sweeper", "CASCADE_BROKER", "redis://redis"), "CASCADE_BROKER is not"),
     ("unknown command", _set_command("sweeper", "sweep", "sweeep"), "unknown command `cascade sweeep`"),
     ("unknown subcommand", _set_command("migrate", "upgrade", "migrate"), "unknown command `cascade db migrate`"),
-    ("unknown option", _set_command("sweeper", "--stalled-after", "--stalled_after"), "no option --stalled_after"),
+    ("unknown option", _set_command("sweeper", "--every", "--every_s"), "no option --every_s"),
     ("open flower", _set_env("flower", "FLOWER_BASIC_AUTH", "${FLOWER_BASIC_AUTH:-}"), "must be required"),
     ("redis without AOF", _set("redis", "command", ["redis-server"]), "--appendonly yes"),
     ("unsupervised worker", _set("worker-tier2", "restart", "always"), "unless-stopped"),

@@ -227,9 +227,10 @@ def test_ctrl_c_in_embedded_stack_stops_both_servers(data_dir: Path) -> None:
 def test_stop_is_safe_twice_and_without_a_stack(data_dir: Path) -> None:
     start_embedded(data_dir)
 
-    stop_embedded(data_dir)
-    stop_embedded(data_dir)
-    stop_embedded(data_dir.parent / "never-started")
+    # Then the first stop reports servers stopped, and the later ones that nothing was running
+    assert stop_embedded(data_dir) is True
+    assert stop_embedded(data_dir) is False
+    assert stop_embedded(data_dir.parent / "never-started") is False
 
     assert _server_processes(data_dir) == []
     assert not (data_dir.parent / "never-started").exists()

@@ -1,4 +1,4 @@
-"""Layering: the core imports without Celery, never imports workers/, and exports an explicit __all__."""
+"""Layering: the core imports without Celery or kombu, never imports workers/, and exports an explicit __all__."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import cascade
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "cascade"
-#: The one core module allowed to import Celery (STYLE §2 "Layers").
+#: The one core module allowed to import Celery or kombu, the broker libraries (STYLE §2 "Layers").
 CELERY_MODULE = "cascade.publish"
+BROKER_LIBRARIES = ("celery", "kombu")
 
 
 def module_name(path: Path) -> str:
@@ -32,6 +33,7 @@ _PROBE = """
 import importlib, json, sys, traceback
 sys.path.insert(0, sys.argv[1])
 sys.modules["celery"] = None
+sys.modules["kombu"] = None
 failures = {}
 for name in json.loads(sys.argv[2]):
     for key in [k for k in sys.modules if k == "cascade" or k.startswith("cascade.")]:
@@ -59,12 +61,12 @@ def import_failures_without_celery() -> dict[str, str]:
 
 @pytest.mark.parametrize("name", CORE)
 def test_core_imports_without_celery(import_failures_without_celery: dict[str, str], name: str) -> None:
-    # Given a Python where `import celery` fails (sys.modules["celery"] = None)
+    # Given a Python where `import celery` and `import kombu` fail (sys.modules[...] = None)
     # When a core module (anything but cascade.publish) is imported on its own
     # Then it imports: the core must run under a CLI, a test or another queue
     failure = import_failures_without_celery.get(name)
     if failure is not None:
-        pytest.fail(f"{name} cannot be imported without celery: {failure}", pytrace=False)
+        pytest.fail(f"{name} cannot be imported without celery and kombu: {failure}", pytrace=False)
 
 
 def test_every_module_is_probed() -> None:
@@ -102,16 +104,19 @@ def test_no_core_module_imports_workers(name: str) -> None:
     assert "workers" not in imported
 
 
-@pytest.mark.parametrize("name", CORE)
-def test_only_publish_imports_celery(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "library"),
+    [(name, library) for name in CORE for library in BROKER_LIBRARIES],
+)
+def test_only_publish_imports_the_broker_libraries(name: str, library: str) -> None:
     # Given a core module other than cascade.publish
     path = PACKAGE / ("__init__.py" if name == "cascade" else f"{name.split('.')[1]}.py")
 
     # When its imports are read
     imported = _top_level(_imported_modules(path))
 
-    # Then celery is not among them
-    assert "celery" not in imported
+    # Then neither celery nor kombu is among them
+    assert library not in imported
 
 
 def test_all_is_the_sorted_public_names() -> None:

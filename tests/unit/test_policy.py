@@ -116,6 +116,32 @@ def test_rate_limits_outlast_max_retries(max_retries: int) -> None:
     assert after == RequestStep(GIVE_UP)
 
 
+@pytest.mark.parametrize(
+    ("max_retries", "retried_429s"),
+    [
+        (0, 10),  # even a model that never retries other errors waits out a short rate limit
+        (1, 10),
+        (3, 30),  # the default
+        (10, 100),  # the most the config allows
+    ],
+)
+@pytest.mark.parametrize("retry_after_s", [None, 1.0, 600.0])
+def test_a_429_storm_gives_up_after_a_stated_number_of_retries(
+    max_retries: int, retried_429s: int, retry_after_s: float | None
+) -> None:
+    # Given a provider that answers every request with 429 (with or without a Retry-After)
+    # When the policy decides after each consecutive 429, up to far more than any bound
+    steps = [decide("rate_limited", attempt, max_retries=max_retries, retry_after_s=retry_after_s)
+             for attempt in range(1, 1001)]
+
+    # Then it retries (inline or deferred) exactly RATE_LIMIT_PATIENCE x max(1, max_retries) times, then gives
+    # up for good: a 429 storm is bounded, as the docstring and the README say
+    actions = [step.action for step in steps]
+    assert GIVE_UP not in actions[:retried_429s]
+    assert set(actions[retried_429s:]) == {GIVE_UP}
+    assert retried_429s == RATE_LIMIT_PATIENCE * max(1, max_retries)
+
+
 @pytest.mark.parametrize("kind", ["timeout", "unavailable", "connection", "bad_response"])
 @pytest.mark.parametrize(
     ("attempt", "max_retries", "expected"),
