@@ -275,7 +275,7 @@ def variants_indexed() -> bool:
     import httpx
 
     from cascade.providers import ProviderPool
-    from cascade.stages import _request, plan_groups
+    from cascade.stages import plan_requests, send
 
     seen: list[httpx.Request] = []
 
@@ -284,10 +284,10 @@ def variants_indexed() -> bool:
         return httpx.Response(200, json={"choices": []})
 
     snap = load_config_from(cascade_yaml()).snapshot(next(n for n in task_types() if n.startswith("mot_")))
-    _, second = plan_groups(snap.tier(1), {"question": "q"}, set())
+    _, second = plan_requests(snap.tier(1), {"question": "q"}, set())
     pool = ProviderPool(transport=httpx.MockTransport(answer))
     try:
-        _request(SimpleNamespace(providers=pool), snap, snap.tier(1), second)  # type: ignore[arg-type]
+        send(SimpleNamespace(providers=pool), snap, snap.tier(1), second)  # type: ignore[arg-type]
     finally:
         pool.close()
     return bool(seen[0].headers.get("X-Cascade-Variant-Sample") == "0")

@@ -255,16 +255,15 @@ def sweep(
     every: Annotated[float | None, typer.Option(help="Loop, sweeping every this many seconds.")] = None,
 ) -> None:
     """Re-publish jobs whose message was lost or whose worker died (one pass, or a loop with --every)."""
-    from sqlalchemy.exc import DBAPIError
-
     from cascade.publish import broker_errors
+    from cascade.store import database_errors
     from cascade.sweeper import sweep as run_sweep
 
     client = _client()
     settings = client.settings
     stalled_after_s = settings.stalled_after_s if stalled_after is None else stalled_after
     dead_after_s = settings.worker_dead_after_s if dead_after is None else dead_after
-    retried: tuple[type[Exception], ...] = (DBAPIError, OSError, *broker_errors())
+    retried: tuple[type[Exception], ...] = (*database_errors(), OSError, *broker_errors())
     while True:
         try:
             report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after_s,
@@ -303,18 +302,16 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="Where embedded services k
 
 def _tier_progress(client: Client, batch_ids: list[str]) -> None:
     """One live bar per tier: jobs that reached the tier, and how many of them are done with it."""
-    sql = "SELECT tier, status, count(*) FROM jobs WHERE batch_id = ANY(:ids) GROUP BY tier, status"
-    from sqlalchemy import text
+    from cascade import store
 
     with client.engine.connect() as conn:
-        tiers = conn.execute(text("SELECT coalesce(max(tiers), 1) FROM batches WHERE id = ANY(:ids)"),
-                             {"ids": batch_ids}).scalar_one()
+        tiers = store.max_tiers(conn, batch_ids)
     with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
         tasks = {t: bar.add_task(f"tier {t}", total=0) for t in range(1, tiers + 1)}
         while True:
             with client.engine.connect() as conn:
-                rows = conn.execute(text(sql), {"ids": batch_ids}).all()
+                rows = store.count_jobs_by_tier(conn, batch_ids)
             for t, task in tasks.items():
                 reached = sum(n for tier, _, n in rows if tier >= t)
                 done = sum(n for tier, status, n in rows if tier > t or (tier == t and status in ("succeeded", "failed")))

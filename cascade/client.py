@@ -15,13 +15,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from cascade import producer
+from cascade import producer, store
 from cascade.config import CascadeConfig, CascadeSettings, load_config, load_settings
 from cascade.errors import ConfigError, InputError
 from cascade.publish import CeleryPublisher, Publisher
-from cascade.store import make_engine
 
 __all__ = ["BatchStatus", "Client"]
 
@@ -72,7 +71,7 @@ class Client:
         if self._engine is None:
             if not self.settings.database_url:
                 raise ConfigError("CASCADE_DATABASE_URL is not set (run `cascade dev` for an embedded stack)")
-            self._engine = make_engine(self.settings.database_url, schema=self.settings.db_schema)
+            self._engine = store.make_engine(self.settings.database_url, schema=self.settings.db_schema)
         return self._engine
 
     @property
@@ -119,19 +118,18 @@ class Client:
     def status(self, batch_id: str) -> BatchStatus:
         """Counts of the batch's jobs by status and tier. InputError if the batch does not exist."""
         with self.engine.connect() as conn:
-            batch = conn.execute(text("SELECT task_type, rows FROM batches WHERE id = :b"), {"b": batch_id}).first()
+            batch = store.batch_rows(conn, batch_id)
             if batch is None:
                 raise InputError(f"no batch {batch_id!r}")
-            rows = conn.execute(text(
-                "SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE batch_id = :b GROUP BY status, tier"),
-                {"b": batch_id}).all()
+            rows = store.count_jobs(conn, batch_id)
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
             counts[status] = counts.get(status, 0) + n
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
-        return BatchStatus(batch_id, batch.task_type, batch.rows, counts, dict(sorted(by_tier.items())), cost)
+        task_type, size = batch
+        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost)
 
     def wait(
         self,
@@ -155,18 +153,14 @@ class Client:
         """One dict per input row, in input order: key, status, tier, output, cost_usd, error."""
         self.status(batch_id)
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=1000).execute(text(
-                "SELECT key, status, tier, output, cost_usd, error FROM jobs WHERE batch_id = :b ORDER BY id"),
-                {"b": batch_id})
-            for row in result:
+            for row in store.job_results(conn, batch_id):
                 yield {"key": row.key, "status": row.status, "tier": row.tier, "output": row.output,
                        "cost_usd": str(row.cost_usd), "error": row.error}
 
     def stats(self, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
         """Rows of the ``escalation_stats`` view (one per task type)."""
-        sql = "SELECT * FROM escalation_stats" + (" WHERE task_type = :t" if task_type else "") + " ORDER BY task_type"
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
+            return store.escalation_stats(conn, task_type)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -314,8 +314,9 @@ class CascadeSettings(BaseSettings):
     config: Path = Path("cascade.yaml")
     # Redis visibility timeout: must exceed the longest request with its retries (CELERY-NOTES §1).
     visibility_timeout_s: int = 3600
-    # How long a claimed stage may run before the sweeper may hand it to another worker, for a claim made
-    # outside a heartbeating worker (a stage run in-process). Workers' claims never expire while they live.
+    # How long a claim lasts unless renewed. A worker's heartbeat renews the claims it is working on, so a
+    # live worker's slow request is never taken away; only a claim no process holds any more (a leak, or
+    # a stage run in-process without a heartbeat) reaches it.
     lease_s: int = 300
     # Workers refresh their row in `workers` this often; the sweeper takes back the jobs of a worker not
     # seen for worker_dead_after_s (kill -9, a frozen process, a lost network). Three missed beats: a
@@ -341,6 +342,9 @@ class CascadeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _beats_before_death(self) -> CascadeSettings:
+        if self.lease_s < 3 * self.heartbeat_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must be at least three times heartbeat_s ({self.heartbeat_s}): "
+                             "a heartbeat renews a lease in its second half, and needs a beat to spare")
         if self.worker_dead_after_s < 2 * self.heartbeat_s:
             raise ValueError(f"worker_dead_after_s ({self.worker_dead_after_s}) must be at least twice heartbeat_s "
                              f"({self.heartbeat_s}): one late beat would look like a dead worker")
@@ -353,8 +357,8 @@ def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values 
         return CascadeSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        if not err["loc"]:  # a check across settings (_beats_before_death): its message names them
-            raise ConfigError(err["msg"].removeprefix("Value error, "), file="environment",
-                              path="CASCADE_WORKER_DEAD_AFTER_S") from None
+        if not err["loc"]:  # a check across settings (_beats_before_death): its message starts with the field
+            message = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(message, file="environment", path="CASCADE_" + message.split(" ", 1)[0].upper()) from None
         name = "CASCADE_" + "_".join(str(p) for p in err["loc"]).upper()
         raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", file="environment", path=name) from None

@@ -3,13 +3,17 @@
     CascadeError
      ├─ ConfigError        a cascade.yaml or setting is wrong: file, field path
      ├─ InputError         a submitted row is wrong: source file, line, field
+     │   └─ DuplicateKey           two rows of a batch have one key: key, row (store.copy_jobs)
      ├─ ProviderError      a model request failed: model, url, status
      │   ├─ ProviderTimeout        the request timed out (connect or read)
      │   ├─ ProviderUnavailable    connection refused/reset, 5xx
      │   ├─ ProviderRateLimited    429, with the server's retry_after
      │   └─ ProviderBadResponse    HTTP 2xx/4xx whose body is not a usable completion
      ├─ IllegalTransition  a job move that store.TRANSITIONS does not allow (a bug in the caller)
-     └─ IdempotencyConflict the same idempotency key came with other content
+     ├─ IdempotencyConflict the same idempotency key came with other content
+     └─ IdempotencyKeyTaken a concurrent submit took the idempotency key first (store.insert_batch)
+
+Database errors that mean something (a taken key, a duplicate row) become these in ``cascade.store``, once.
 
 A failed validation is not an exception: it is a ``Verdict``.
 """
@@ -19,7 +23,9 @@ from __future__ import annotations
 __all__ = [
     "CascadeError",
     "ConfigError",
+    "DuplicateKey",
     "IdempotencyConflict",
+    "IdempotencyKeyTaken",
     "IllegalTransition",
     "InputError",
     "ProviderBadResponse",
@@ -54,6 +60,19 @@ class InputError(CascadeError):
         self.reason = message
         where = source + (f":{line}" if line is not None else "")
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class DuplicateKey(InputError):
+    """Two rows of one batch have the same key (Postgres refused the second in the COPY).
+
+    ``row`` is the second row's 1-based position among the rows copied (None when Postgres did not say);
+    the producer turns it into the source line.
+    """
+
+    def __init__(self, key: str, row: int | None) -> None:
+        self.key = key
+        self.row = row
+        super().__init__(f'duplicate key "{key}"')
 
 
 class ProviderError(CascadeError):
@@ -118,3 +137,14 @@ class IdempotencyConflict(CascadeError):
         super().__init__(
             f"idempotency key {key!r} was already used by batch {batch_id} with different content"
         )
+
+
+class IdempotencyKeyTaken(CascadeError):
+    """Another batch already holds this idempotency key: a concurrent submit with the same key committed first.
+
+    Raised by ``store.insert_batch``; the producer then compares contents as for a key it found up front.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"idempotency key {key!r} is already held by another batch")

@@ -26,9 +26,9 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any, Literal
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from cascade import producer
+from cascade import producer, store
 from cascade.config import CascadeSettings, TaskSnapshot, TierConfig, render
 from cascade.errors import CascadeError, InputError
 from cascade.publish import Publisher
@@ -328,11 +328,9 @@ def wait(pipe: Pipeline, batch_ids: Sequence[str], *, timeout: float | None,
          on_progress: Callable[[int, int], None] | None = None, poll_s: float = 0.25) -> bool:
     """Poll Postgres until every job of the batches is finished; False after ``timeout`` seconds."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    sql = text("SELECT count(*), count(*) FILTER (WHERE status IN ('succeeded', 'failed')) FROM jobs "
-               "WHERE batch_id = ANY(:ids)")
     while True:
         with pipe.engine.connect() as conn:
-            total, done = conn.execute(sql, {"ids": list(set(batch_ids))}).one()
+            total, done = store.count_finished(conn, batch_ids)
         if on_progress:
             on_progress(done, total)
         if done >= total:
@@ -346,26 +344,13 @@ def wait(pipe: Pipeline, batch_ids: Sequence[str], *, timeout: float | None,
 def _outcomes(pipe: Pipeline, batch_id: str, snap: TaskSnapshot, recordings: Sequence[Recording]) -> list[RowOutcome]:
     fields = snap.task_type.self_consistency.fields
     with pipe.engine.connect() as conn:
-        rows = conn.execute(text("SELECT key, id, status, tier, output, cost_usd FROM jobs WHERE batch_id = :b"),
-                            {"b": batch_id}).all()
+        rows = list(store.job_results(conn, batch_id))
     out = []
-    for key, job_id, status, tier, output, cost in sorted(rows, key=lambda r: int(r.key)):
-        rec = recordings[int(key) - 1]
-        out.append(RowOutcome(rec.id, job_id, status, tier, is_correct(status, output, rec.gold, fields), cost, output))
+    for r in sorted(rows, key=lambda r: int(r.key)):
+        rec = recordings[int(r.key) - 1]
+        out.append(RowOutcome(rec.id, r.job_id, r.status, r.tier, is_correct(r.status, r.output, rec.gold, fields),
+                              r.cost_usd, r.output))
     return out
-
-
-_RUN = text("""
-INSERT INTO eval_runs (id, eval_id, task_type, dataset, dataset_hash, label, kind, threshold, tier, batch_id,
-                       config_hash, rows, correct, accuracy, escalation_rate, tier3_rate, cost_usd, relative_cost)
-VALUES (:id, :eval_id, :task_type, :dataset, :dataset_hash, :label, :kind, :threshold, :tier, :batch_id,
-        :config_hash, :rows, :correct, :accuracy, :escalation_rate, :tier3_rate, :cost_usd, :relative_cost)
-""")
-_RESULT = text("""
-INSERT INTO eval_results (run_id, row_id, job_id, status, tier, correct, cost_usd, calibration, gold, output)
-VALUES (:run_id, :row_id, :job_id, :status, :tier, :correct, :cost_usd, :calibration, CAST(:gold AS jsonb),
-        CAST(:output AS jsonb))
-""")
 
 
 def _record(engine: Engine, report: TaskReport, dataset_hash: str, golds: dict[str, Any]) -> None:  # Any: JSON
@@ -373,14 +358,13 @@ def _record(engine: Engine, report: TaskReport, dataset_hash: str, golds: dict[s
         for run in report.runs:
             run_id = uuid.uuid4().hex
             m = run.metrics
-            conn.execute(_RUN, {
+            store.record_eval_run(conn, {
                 "id": run_id, "eval_id": report.eval_id, "task_type": report.task_type, "dataset": report.dataset,
                 "dataset_hash": dataset_hash, "label": run.plan.label, "kind": run.plan.kind,
                 "threshold": run.plan.threshold, "tier": run.plan.tier, "batch_id": run.batch_id,
                 "config_hash": run.plan.snapshot.config_hash(), "rows": m.rows, "correct": m.correct,
                 "accuracy": m.accuracy, "escalation_rate": m.escalation_rate, "tier3_rate": m.tier3_rate,
-                "cost_usd": m.cost_usd, "relative_cost": m.relative_cost})
-            conn.execute(_RESULT, [{
+                "cost_usd": m.cost_usd, "relative_cost": m.relative_cost}, [{
                 "run_id": run_id, "row_id": o.row_id, "job_id": o.job_id, "status": o.status, "tier": o.tier,
                 "correct": o.correct, "cost_usd": o.cost_usd, "calibration": is_calibration(o.row_id),
                 "gold": json.dumps(golds[o.row_id]), "output": None if o.output is None else json.dumps(o.output),

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from cascade import store
 from cascade.store import Claim
 
 __all__ = ["Heartbeat", "HeldClaims", "new_worker_id"]
@@ -34,16 +35,6 @@ INSERT INTO workers (id, hostname, pid) VALUES (:id, :hostname, :pid)
 ON CONFLICT (id) DO UPDATE SET seen_at = now()
 """)
 _GONE = text("DELETE FROM workers WHERE id = :id")
-
-
-# Only leases in their second half are rewritten: a stage shorter than half the lease (nearly all) costs no
-# write at all, and a longer one keeps its claim however long its requests take.
-_RENEW = text("""
-UPDATE jobs j SET lease_until = now() + make_interval(secs => :lease_s)
-FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[])) AS h(id, claim_no)
-WHERE j.id = h.id AND j.claim_no = h.claim_no AND j.status = 'running'
-  AND j.lease_until < now() + make_interval(secs => :lease_s / 2)
-""")
 
 
 class HeldClaims:
@@ -71,9 +62,7 @@ class HeldClaims:
         """Push the leases of the held claims that are past half their lease ``lease_s`` further out."""
         with self._lock:
             held = list(self._held.items())
-        if held:
-            conn.execute(_RENEW, {"ids": [i for i, _ in held], "claim_nos": [n for _, n in held],
-                                  "lease_s": lease_s})
+        store.renew_leases(conn, held, lease_s)
 
 
 def new_worker_id() -> str:

@@ -34,16 +34,19 @@ class NextStep:
     tier: int  # the tier the job is at after the move
 
 
-def after_verdict(passed: bool, tier: int, tier_count: int) -> NextStep:
-    """A passing tier is accepted; a failing one escalates, or fails the job at the last tier.
+def after_verdict(passed: bool, tier: int, tier_count: int, *, on_exhausted: str = "fail",
+                  has_answer: bool = False) -> NextStep:
+    """A passing tier is accepted; a failing one escalates, or ends the job at the last tier.
 
-    ``on_exhausted: accept_last`` is applied by the validator (it votes with ``accept_any``), so a
-    last-tier verdict that still failed means no sample at all was valid.
+    At the last tier, ``on_exhausted: accept_last`` accepts the tier's majority answer whatever its share,
+    if some sample was valid (``has_answer``); otherwise, and with ``on_exhausted: fail``, the job fails.
     """
     if passed:
         return NextStep(Action.ACCEPT, tier)
     if tier < tier_count:
         return NextStep(Action.ESCALATE, tier + 1)
+    if on_exhausted == "accept_last" and has_answer:
+        return NextStep(Action.ACCEPT, tier)
     return NextStep(Action.FAIL, tier)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from array import array
 from collections.abc import Iterable, Iterator
@@ -18,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from psycopg.errors import UniqueViolation
-from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine
 
+from cascade import store
 from cascade.config import CascadeConfig, TaskSnapshot, template_fields
-from cascade.errors import IdempotencyConflict, InputError
+from cascade.errors import DuplicateKey, IdempotencyConflict, IdempotencyKeyTaken, InputError
 from cascade.publish import Publisher
 from cascade.rows import MAX_ROW_BYTES, Row, UnreadableRow, encode_row, kind_of, read_rows
 from cascade.store import Stage
@@ -149,65 +147,41 @@ class _Accepted:
                 self.lines.append(line)
             yield key, data
 
-    def duplicate(self, exc: UniqueViolation) -> InputError:
-        """The InputError for a COPY that failed on a duplicate key."""
-        match = _DUPLICATE.search(exc.diag.message_detail or "")
-        key = match.group(1) if match else "?"
-        copied = re.search(r"COPY jobs, line (\d+)", exc.diag.context or "")
-        index = int(copied.group(1)) - 1 if copied else -1
+    def duplicate(self, exc: DuplicateKey) -> InputError:
+        """The InputError for a COPY that failed on a duplicate key: the second row's source line and field."""
+        index = exc.row - 1 if exc.row is not None else -1
         line = self.lines[index] if 0 <= index < len(self.lines) else None
-        return InputError(f'duplicate key "{key}" in field "{self.key_field}"', source=self.source, line=line,
+        return InputError(f'duplicate key "{exc.key}" in field "{self.key_field}"', source=self.source, line=line,
                           field=self.key_field)
 
 
 # --- inserting and publishing --------------------------------------------------------------------
 
 
-def _insert_batch(conn: Connection, batch_id: str, snap: TaskSnapshot, key: str | None, source: str) -> None:
+def _new_batch(batch_id: str, snap: TaskSnapshot, key: str | None, source: str) -> store.NewBatch:
     top = snap.tier(snap.tier_count).model.price
-    conn.execute(text("""
-        INSERT INTO batches (id, task_type, idempotency_key, content_hash, config, config_hash, rows, source, tiers,
-                             top_input_per_mtok, top_output_per_mtok)
-        VALUES (:id, :task, :key, '', CAST(:config AS jsonb), :hash, 0, :source, :tiers, :tin, :tout)
-    """), {"id": batch_id, "task": snap.task_type.name, "key": key, "config": json.dumps(snap.to_json()),
-           "hash": snap.config_hash(), "source": source, "tiers": snap.tier_count,
-           "tin": top.input_per_mtok, "tout": top.output_per_mtok})
-
-
-def _copy_jobs(conn: Connection, batch_id: str, task: str, rows: Iterable[tuple[str, str]]) -> int:
-    count = 0
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    with raw.cursor() as cur, cur.copy("COPY jobs (batch_id, task_type, key, input) FROM STDIN") as copy:
-        for key, data in rows:
-            copy.write_row((batch_id, task, key, data))
-            count += 1
-    return count
-
-
-_DUPLICATE = re.compile(r"\(batch_id, key\)=\([^,]*, (.*)\) already exists")
+    return store.NewBatch(batch_id, snap.task_type.name, key, json.dumps(snap.to_json()), snap.config_hash(), source,
+                          snap.tier_count, top.input_per_mtok, top.output_per_mtok)
 
 
 def _existing(engine: Engine, key: str) -> tuple[str, str] | None:
     with engine.connect() as conn:
-        row = conn.execute(text("SELECT id, content_hash FROM batches WHERE idempotency_key = :k"), {"k": key}).first()
-    return (row.id, row.content_hash) if row else None
+        return store.batch_by_key(conn, key)
 
 
 def _insert(engine: Engine, batch_id: str, snap: TaskSnapshot, accepted: _Accepted,
             idempotency_key: str | None) -> int:
     """Insert the batch and its jobs in one transaction; returns the job count."""
     with engine.begin() as conn:
-        _insert_batch(conn, batch_id, snap, idempotency_key, accepted.source)
+        store.insert_batch(conn, _new_batch(batch_id, snap, idempotency_key, accepted.source))
         try:
-            count = _copy_jobs(conn, batch_id, snap.task_type.name, accepted)
-        except UniqueViolation as exc:
+            count = store.copy_jobs(conn, batch_id, snap.task_type.name, accepted)
+        except DuplicateKey as exc:
             raise accepted.duplicate(exc) from None
         if count == 0:
             rejected = f" ({accepted.rejects.count} rejected)" if accepted.rejects.count else ""
             raise InputError(f"no rows to submit{rejected}", source=accepted.source)
-        conn.execute(text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id"),
-                     {"n": count, "h": accepted.digest.hexdigest(), "id": batch_id})
+        store.finish_batch(conn, batch_id, count, accepted.digest.hexdigest())
     return count
 
 
@@ -237,10 +211,9 @@ def submit_rows(
             return _same_batch(idempotency_key, found, accepted)
         try:
             count = _insert(engine, batch_id, snap, accepted, idempotency_key)
-        except IntegrityError as exc:
-            found = _existing(engine, idempotency_key) if idempotency_key else None
-            if idempotency_key and found and "idempotency_key" in str(exc.orig):
-                return _same_batch(idempotency_key, found, accepted)  # a concurrent twin won
+        except IdempotencyKeyTaken as exc:
+            if found := _existing(engine, exc.key):
+                return _same_batch(exc.key, found, accepted)  # a concurrent twin won
             raise
     finally:
         rejects.close()
@@ -260,11 +233,8 @@ def publish_batch(engine: Engine, publisher: Publisher, batch_id: str) -> int:
     """Publish every queued tier-1 call of a batch, streaming ids in chunks."""
     sent = 0
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=PUBLISH_CHUNK).execute(
-            text("SELECT id FROM jobs WHERE batch_id = :b AND status = 'queued' AND stage = 'call' ORDER BY id"),
-            {"b": batch_id})
-        for chunk in result.partitions(PUBLISH_CHUNK):
-            publisher.publish([(job_id, 1, Stage.CALL) for (job_id,) in chunk])
+        for chunk in store.queued_calls(conn, batch_id, PUBLISH_CHUNK):
+            publisher.publish([(job_id, 1, Stage.CALL) for job_id in chunk])
             sent += len(chunk)
     return sent
 

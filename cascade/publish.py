@@ -32,8 +32,8 @@ __all__ = [
     "VALIDATE_TASK",
     "CeleryPublisher",
     "Due",
-    "Message",
     "Publisher",
+    "TaskMessage",
     "all_queues",
     "broker_errors",
     "celery_config",
@@ -64,13 +64,13 @@ _LPUSH_CHUNK = 1000
 
 Due = tuple[int, int, Stage]  # (job id, tier, stage)
 #: One task message: job ids due at one (tier, stage).
-Message = tuple[list[int], int, Stage]
+TaskMessage = tuple[list[int], int, Stage]
 
 
-def messages(due: Sequence[Due], jobs_per_message: int) -> list[Message]:
+def messages(due: Sequence[Due], jobs_per_message: int) -> list[TaskMessage]:
     """Group dues into messages of at most ``jobs_per_message`` ids per (tier, stage), keeping their order."""
     open_: dict[tuple[int, Stage], list[int]] = {}
-    out: list[Message] = []
+    out: list[TaskMessage] = []
     for job_id, tier, stage in due:
         ids = open_.get((tier, stage))
         if ids is None or len(ids) >= jobs_per_message:
@@ -240,7 +240,7 @@ class CeleryPublisher:
             for ids, tier, stage in batch:
                 self.app.send_task(_task(stage), args=[ids, tier], queue=queue_for(tier, stage), producer=producer)
 
-    def _push(self, producer: Any, batch: Sequence[Message]) -> None:  # Any: a kombu Producer
+    def _push(self, producer: Any, batch: Sequence[TaskMessage]) -> None:  # Any: a kombu Producer
         channel = producer.channel
         by_queue: dict[str, list[str]] = {}
         for ids, tier, stage in batch:

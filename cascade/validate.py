@@ -280,7 +280,6 @@ def vote(
     schema: dict[str, Any] | None,  # Any: a JSON Schema document
     length: Length,
     fields: Sequence[str] | None = None,
-    accept_any: bool = False,
     truncated: Collection[int] = (),
 ) -> Verdict:
     """Check k samples and vote on their canonical answers.
@@ -290,8 +289,9 @@ def vote(
 
     k is ``samples``: texts beyond k are ignored and missing ones count as invalid. Invalid samples
     do not vote but count in k. The majority answer (ties: the one whose first vote came earliest)
-    passes when its votes reach ``min_agreement`` × k, exactly; with k == 1 a valid sample passes,
-    and with ``accept_any`` any valid sample makes the majority pass whatever its share.
+    passes when its votes reach ``min_agreement`` × k, exactly; with k == 1 a valid sample passes. A failed
+    vote still names its majority (``result``, ``votes``): whether to accept it anyway (``on_exhausted:
+    accept_last``) is ``cascade.policy``'s decision.
 
     Returns:
         A ``Verdict`` whose result is the full parsed output of the first sample in the majority.
@@ -317,7 +317,7 @@ def vote(
     if not valid:
         return Verdict(False, _failure_reasons(invalid, 0, samples, min_agreement, False), None, None, 0, samples)
     best = max(_tally(valid, fields), key=lambda tally: tally.votes)  # max keeps the first of equals
-    passed = accept_any or samples == 1 or Decimal(best.votes) >= min_agreement * samples
+    passed = samples == 1 or Decimal(best.votes) >= min_agreement * samples
     reasons = () if passed else _failure_reasons(invalid, best.votes, samples, min_agreement, True)
     return Verdict(passed, reasons, best.value, Decimal(best.votes) / Decimal(samples), best.votes, samples)
 

@@ -9,7 +9,7 @@ from typing import Any
 from celery.signals import worker_process_shutdown, worker_shutdown
 from sqlalchemy.exc import DBAPIError
 
-from cascade.liveness import Heartbeat, new_worker_id
+from cascade.liveness import Heartbeat, HeldClaims, new_worker_id
 from cascade.providers import ProviderPool
 from cascade.publish import CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
 from cascade.stages import StageContext, run_calls, run_validates
@@ -51,13 +51,16 @@ def _build() -> StageContext:
     engine = make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False)
     # Registered before the first claim: the sweeper takes this process's jobs back only once its
     # heartbeat stops (cascade.liveness), never while a slow request is still running.
-    _heartbeat = Heartbeat(engine, new_worker_id(), settings.heartbeat_s).start()
+    # Each beat also renews the leases of claims held past half their lease.
+    held = HeldClaims()
+    _heartbeat = Heartbeat(engine, new_worker_id(), settings.heartbeat_s, held=held, lease_s=settings.lease_s).start()
     return StageContext(
         engine=engine,
         publisher=CeleryPublisher(app, jobs_per_message=settings.jobs_per_message),
         providers=ProviderPool(),
         settings=settings,
         worker_id=_heartbeat.worker_id,
+        held=held,
     )
 
 

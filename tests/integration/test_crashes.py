@@ -24,7 +24,8 @@ from tests.integration.audit import client as make_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FAST_LEASE = {"CASCADE_LEASE_S": "5"}
+#: A dead worker is noticed within two seconds (the defaults take fifteen: test_recovery times those).
+FAST_LIVENESS = {"CASCADE_HEARTBEAT_S": "0.5", "CASCADE_WORKER_DEAD_AFTER_S": "2"}
 
 
 def _slow_sim(seed: int) -> SimConfig:
@@ -59,9 +60,9 @@ def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
     # Given 1,000 jobs, call stages and validation in separate worker processes, and a sweeper
     sim_cfg = _slow_sim(31)
     client = make_client(env, sim(sim_cfg).url)
-    callers = workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LEASE)
-    validators = workers(queues="validate", concurrency=16, **FAST_LEASE)
-    sweeper(stalled_after=3)
+    callers = workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LIVENESS)
+    validators = workers(queues="validate", concurrency=16, **FAST_LIVENESS)
+    sweeper(stalled_after=3, **FAST_LIVENESS)
     rows = scenario.rows(1000, "label")
     batch = client.submit("label", rows, key_field="id").batch_id
     # When the call worker is killed with -9 while requests are in flight
@@ -69,12 +70,12 @@ def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
     wait_for(lambda: _in_flight(env)["requests"] > 10, 30, "requests in flight")
     hit_calls = _in_flight(env)
     callers.kill()
-    workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LEASE)
+    workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LIVENESS)
     # And the validation worker is killed with -9 later
     wait_for(lambda: _finished(env, batch) >= 500, 120, "500 finished jobs")
     hit_validation = _in_flight(env)
     validators.kill()
-    workers(queues="validate", concurrency=16, **FAST_LEASE)
+    workers(queues="validate", concurrency=16, **FAST_LIVENESS)
     # Then every job still finishes exactly once, as the sim predicts
     _run_to_end(env, client, batch, rows, sim_cfg)
     print(f"kill -9 of the call worker hit {hit_calls}; of the validator {hit_validation}")
@@ -92,8 +93,8 @@ def test_broker_lost_mid_batch(env, sim, workers, sweeper, own_redis, fault, siz
     from cascade.publish import CeleryPublisher
 
     client._publisher = CeleryPublisher.connect(settings, own_redis.url)
-    workers(concurrency=64, CASCADE_BROKER_URL=own_redis.url, **FAST_LEASE)
-    sweeper(stalled_after=3, CASCADE_BROKER_URL=own_redis.url)
+    workers(concurrency=64, CASCADE_BROKER_URL=own_redis.url, **FAST_LIVENESS)
+    sweeper(stalled_after=3, CASCADE_BROKER_URL=own_redis.url, **FAST_LIVENESS)
     rows = scenario.rows(size, "label")
     batch = client.submit("label", rows, key_field="id").batch_id
     # When Redis is restarted empty (or flushed) while messages are queued and in flight
@@ -112,8 +113,8 @@ def test_postgres_connections_dropped_mid_stage(env, sim, workers, sweeper):
     # Given 400 jobs in flight
     sim_cfg = _slow_sim(43)
     client = make_client(env, sim(sim_cfg).url)
-    workers(concurrency=64, **FAST_LEASE)
-    sweeper(stalled_after=3)
+    workers(concurrency=64, **FAST_LIVENESS)
+    sweeper(stalled_after=3, **FAST_LIVENESS)
     rows = scenario.rows(400, "label")
     batch = client.submit("label", rows, key_field="id").batch_id
     # When every worker connection to Postgres is terminated, several times

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from cascade.client import Client
-from cascade.config import CascadeConfig
+from cascade.config import CascadeConfig, render
 from cascade.providers import ProviderPool
 from cascade.sim import SimConfig, SimModel
 from cascade.stages import StageContext, run_calls, run_validates
-from cascade.store import Stage
+from cascade.store import Stage, make_engine
 from tests.integration import scenario
 from tests.integration.audit import Recorder
 
@@ -106,3 +107,50 @@ def test_a_text_answer_cut_at_max_tokens_fails_as_too_long_and_escalates(env, in
     # And tier 2's full answers (finish_reason "stop", truncated NULL) succeeded
     assert env.scalar("SELECT count(*) FROM attempts WHERE tier = 2 AND truncated IS NULL") == 3
     assert [s for (s,) in env.rows("SELECT status FROM jobs ORDER BY id")] == ["succeeded"] * 3
+
+
+def test_a_database_error_in_one_request_keeps_every_other_answer(env, in_process):
+    # Given twelve label jobs whose tier-1 model answers 500 to about half of the first requests, and a worker
+    # whose Postgres connections are all cut the moment the first retry backs off (a real database error in
+    # the middle of one request's retries, while the other requests' answers are already back)
+    base = scenario.sim_config()
+    sim_cfg = base.model_copy(update={"models": {**base.models, "small": SimModel(p_500=0.5)}})
+    run = in_process(sim_cfg, "label", 12)
+    engine = make_engine(env.services.database_url, schema=env.schema, pre_ping=False)
+    admin = make_engine(env.services.database_url)
+    cut: list[int] = []
+
+    def sleep_and_cut(_: float) -> None:
+        if not cut:
+            with admin.begin() as conn:
+                cut.append(len(conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :app "
+                    "AND pid <> pg_backend_pid()"), {"app": f"cascade:{env.schema}"}).all()))
+
+    ctx = replace(run.ctx, engine=engine, sleep=sleep_and_cut)
+    snap = run.config.snapshot("label")
+    first_try = {j for j, row in zip(run.ids, run.rows, strict=True)
+                 if sim_cfg.fault("small", render(snap.tier(1).prompt, row), 0, 0) is None}
+    assert 0 < len(first_try) < len(run.ids)
+
+    # When one call message carries all twelve
+    run.publisher.due.clear()
+    try:
+        run_calls(ctx, run.ids, 1)
+    finally:
+        engine.dispose()
+        admin.dispose()
+
+    # Then the cut happened, and every answer that came back on the first try is recorded as the answer
+    assert cut and cut[0] > 0
+    answered = {j for (j,) in env.rows("SELECT job_id FROM attempts WHERE error IS NULL")}
+    assert first_try <= answered
+    # And no job is left running: each went on to validation, or back to its call stage: at once when its
+    # request hit the cut (sent again), later when its retries ran past the inline wait (deferred)
+    states = dict(env.rows("SELECT id, status || ':' || stage || CASE WHEN not_before IS NULL THEN '' "
+                           "ELSE ' deferred' END FROM jobs"))
+    assert set(states.values()) <= {"queued:validate", "queued:call", "queued:call deferred"}
+    assert {j for j, s in states.items() if s != "queued:validate"}.isdisjoint(first_try)
+    assert "queued:call" in states.values(), "the request whose retry hit the cut is sent again"
+    assert sorted(run.publisher.due) == sorted((j, 1, Stage.CALL if s == "queued:call" else Stage.VALIDATE)
+                                               for j, s in states.items() if not s.endswith("deferred"))

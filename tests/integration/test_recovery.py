@@ -90,7 +90,7 @@ def test_a_slow_request_is_never_taken_from_a_live_worker(env, sim, workers, swe
     # Given a model slower than both the lease and the dead-after bound, and an eager sweeper
     sim_cfg = _sim(53, latency_ms=5000)
     client = make_client(env, sim(sim_cfg).url)
-    quick = {**QUICK, "CASCADE_LEASE_S": "1"}
+    quick = {**QUICK, "CASCADE_LEASE_S": "2"}
     workers(concurrency=8, **quick)
     sweeper(every=0.5, stalled_after=1, **quick)
     rows = scenario.rows(6, "summary")

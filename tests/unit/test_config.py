@@ -661,3 +661,36 @@ def test_bad_environment_value_is_a_config_error(clean_env: pytest.MonkeyPatch) 
 
     # Then the error is cascade's, naming the field, not pydantic's ValidationError
     assert "lease_s" in str(info.value).lower()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"CASCADE_HEARTBEAT_S": "10"}, "CASCADE_WORKER_DEAD_AFTER_S"),  # 15 s is under two beats of 10 s
+        ({"CASCADE_LEASE_S": "12"}, "CASCADE_LEASE_S"),  # 12 s is under three beats of 5 s
+    ],
+)
+def test_liveness_timings_that_would_take_live_work_away_are_refused(
+    clean_env: pytest.MonkeyPatch, env: dict[str, str], variable: str
+) -> None:
+    # Given a heartbeat too slow for the dead-after bound, or a lease too short to be renewed in time
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+
+    # When settings are loaded
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    # Then the error names the variable to change and why
+    assert info.value.path == variable and "heartbeat_s" in str(info.value)
+
+
+def test_default_liveness_timings_recover_within_half_a_minute(clean_env: pytest.MonkeyPatch) -> None:
+    # Given the defaults
+    settings = load_settings()
+
+    # Then a dead worker's running jobs are back within dead-after + one sweep, its reserved ones within the
+    # stall timeout + one sweep: both under 30 s
+    assert settings.worker_dead_after_s + settings.sweep_every_s <= 30
+    assert settings.stalled_after_s + settings.sweep_every_s <= 30
+

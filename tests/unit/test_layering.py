@@ -21,10 +21,17 @@ BROKER_LIBRARIES = ("celery", "kombu")
 
 
 def module_name(path: Path) -> str:
-    return "cascade" if path.name == "__init__.py" else f"cascade.{path.stem}"
+    """``cascade.stages.call`` for cascade/stages/call.py; a package is named by its ``__init__.py``."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = sorted(module_name(p) for p in PACKAGE.glob("*.py"))
+def module_path(name: str) -> Path:
+    path = ROOT.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 CORE = [m for m in MODULES if m != CELERY_MODULE]
 
 # Each module is imported from scratch (every cascade.* entry dropped from sys.modules first), so one
@@ -95,7 +102,7 @@ def _top_level(names: set[str]) -> set[str]:
 @pytest.mark.parametrize("name", MODULES)
 def test_no_core_module_imports_workers(name: str) -> None:
     # Given a module of cascade/
-    path = PACKAGE / ("__init__.py" if name == "cascade" else f"{name.split('.')[1]}.py")
+    path = module_path(name)
 
     # When its imports are read (anywhere in the file, not only at the top)
     imported = _top_level(_imported_modules(path))
@@ -110,7 +117,7 @@ def test_no_core_module_imports_workers(name: str) -> None:
 )
 def test_only_publish_imports_the_broker_libraries(name: str, library: str) -> None:
     # Given a core module other than cascade.publish
-    path = PACKAGE / ("__init__.py" if name == "cascade" else f"{name.split('.')[1]}.py")
+    path = module_path(name)
 
     # When its imports are read
     imported = _top_level(_imported_modules(path))

@@ -45,6 +45,25 @@ def test_after_verdict(passed: bool, tier: int, tier_count: int, expected: NextS
     assert step == expected
 
 
+@pytest.mark.parametrize(
+    ("on_exhausted", "tier", "has_answer", "expected"),
+    [
+        ("accept_last", 3, True, NextStep(Action.ACCEPT, 3)),  # the last tier's majority, whatever its share
+        ("accept_last", 3, False, NextStep(Action.FAIL, 3)),  # no valid sample: nothing to accept
+        ("accept_last", 2, True, NextStep(Action.ESCALATE, 3)),  # not the last tier: escalate as usual
+        ("fail", 3, True, NextStep(Action.FAIL, 3)),
+    ],
+)
+def test_on_exhausted_is_decided_by_the_policy(on_exhausted: str, tier: int, has_answer: bool,
+                                               expected: NextStep) -> None:
+    # Given a failed verdict of a three-tier task type
+    # When the policy decides with the task's on_exhausted
+    step = after_verdict(False, tier, 3, on_exhausted=on_exhausted, has_answer=has_answer)
+
+    # Then only accept_last at the last tier, with a valid sample, accepts the failed vote
+    assert step == expected
+
+
 # --- after_request_error -----------------------------------------------------------------------------
 
 

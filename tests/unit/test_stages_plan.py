@@ -1,4 +1,5 @@
-"""Unit tests for the pure parts of cascade.stages: plan_groups (which requests a tier sends) and judge."""
+"""Unit tests for the pure parts of cascade.stages: plan_requests (which requests a tier sends), judge, and
+how a verdict ends a claim (Writes.verdict, as cascade.policy decides)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from cascade.config import TaskSnapshot, parse_config
 from cascade.providers import ProviderPool
-from cascade.stages import Group, _request, judge, plan_groups
+from cascade.stages import Request, judge, plan_requests, send
+from cascade.stages.ledger import Writes
+from cascade.store import Claim, JobStatus, Stage
 
 SCHEMA = {"type": "object", "required": ["label"], "properties": {"label": {"enum": ["yes", "no", "maybe"]}}}
 ROW = {"text": "the invoice", "lang": "de", "n": 3}
@@ -47,7 +50,7 @@ VARIANTS = [
 ]
 
 
-# --- plan_groups -------------------------------------------------------------------------------------
+# --- plan_requests -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -62,49 +65,49 @@ VARIANTS = [
         ("single", {7}, [(0, 1), (1, 1), (2, 1)]),
     ],
 )
-def test_plan_groups_without_variants(model: str, answered: set[int], expected: list[tuple[int, int]]) -> None:
+def test_plan_requests_without_variants(model: str, answered: set[int], expected: list[tuple[int, int]]) -> None:
     # Given a tier of 3 samples on a model that does (nfull) or does not (single) support n
     tier = make_snapshot(tiers=[model]).tier(1)
 
     # When its requests are planned, some samples already answered
-    groups = plan_groups(tier, ROW, answered)
+    requests = plan_requests(tier, ROW, answered)
 
     # Then one n=3 request at sample 0, or one n=1 request per sample, skipping answered samples
-    assert [(g.sample, g.n) for g in groups] == expected
-    assert all(g.variant is None for g in groups)
+    assert [(g.sample, g.n) for g in requests] == expected
+    assert all(g.variant is None for g in requests)
 
 
-def test_plan_groups_messages_are_rendered() -> None:
+def test_plan_requests_messages_are_rendered() -> None:
     # Given a tier with a system template and a prompt template
     tier = make_snapshot(tiers=["single"]).tier(1)
 
     # When its requests are planned
-    groups = plan_groups(tier, ROW, set())
+    requests = plan_requests(tier, ROW, set())
 
     # Then every request carries the rendered system message, then the rendered user prompt
-    assert all(g.messages == [SYSTEM, USER] for g in groups)
+    assert all(g.messages == [SYSTEM, USER] for g in requests)
 
 
-def test_plan_groups_without_system_sends_only_the_prompt() -> None:
+def test_plan_requests_without_system_sends_only_the_prompt() -> None:
     # Given a task type with an empty system prompt
     tier = make_snapshot(tiers=["nfull"], system="").tier(1)
 
     # When its requests are planned
-    (group,) = plan_groups(tier, ROW, set())
+    (request,) = plan_requests(tier, ROW, set())
 
     # Then the only message is the user prompt
-    assert group.messages == [USER]
+    assert request.messages == [USER]
 
 
-def test_plan_groups_uses_tier_overrides() -> None:
+def test_plan_requests_uses_tier_overrides() -> None:
     # Given a tier overriding prompt, system and samples
     tier = make_snapshot(tiers=[{"model": "nfull", "samples": 5, "prompt": "Again: {text}", "system": "Sys {n}"}]).tier(1)
 
     # When its requests are planned
-    groups = plan_groups(tier, ROW, set())
+    requests = plan_requests(tier, ROW, set())
 
     # Then the request uses the tier's prompt, system and sample count
-    assert groups == [Group(0, 5, None, [{"role": "system", "content": "Sys 3"},
+    assert requests == [Request(0, 5, None, [{"role": "system", "content": "Sys 3"},
                                          {"role": "user", "content": "Again: the invoice"}])]
 
 
@@ -119,23 +122,23 @@ def test_plan_groups_uses_tier_overrides() -> None:
         ("single", {0, 3}, [(1, 1, "terse"), (2, 1, "careful"), (4, 1, "careful")]),
     ],
 )
-def test_plan_groups_with_variants(model: str, answered: set[int], expected: list[tuple[int, int, str]]) -> None:
+def test_plan_requests_with_variants(model: str, answered: set[int], expected: list[tuple[int, int, str]]) -> None:
     # Given a tier voting two variants (2 + 3 samples)
     tier = make_snapshot(tiers=[{"model": model, "variants": VARIANTS}]).tier(1)
 
     # When its requests are planned
-    groups = plan_groups(tier, ROW, answered)
+    requests = plan_requests(tier, ROW, answered)
 
     # Then variants go in list order, the first variant's samples first, each group naming its variant
-    assert [(g.sample, g.n, g.variant) for g in groups] == expected
+    assert [(g.sample, g.n, g.variant) for g in requests] == expected
 
 
-def test_plan_groups_variant_messages() -> None:
+def test_plan_requests_variant_messages() -> None:
     # Given variants with and without their own system prompt
     tier = make_snapshot(tiers=[{"model": "nfull", "variants": VARIANTS}]).tier(1)
 
     # When their requests are planned
-    terse, careful = plan_groups(tier, ROW, set())
+    terse, careful = plan_requests(tier, ROW, set())
 
     # Then each renders its own prompt; a variant without system falls back to the tier's system
     assert terse.messages == [SYSTEM, {"role": "user", "content": "Label: the invoice"}]
@@ -148,10 +151,10 @@ def test_task_level_variants_are_planned_for_a_bare_tier() -> None:
     snap = make_snapshot(tiers=["nfull"], sc={"samples": 1, "variants": VARIANTS})
 
     # When the tier's requests are planned
-    groups = plan_groups(snap.tier(1), ROW, set())
+    requests = plan_requests(snap.tier(1), ROW, set())
 
     # Then the task's variants are used
-    assert [(g.sample, g.n, g.variant) for g in groups] == [(0, 2, "terse"), (2, 3, "careful")]
+    assert [(g.sample, g.n, g.variant) for g in requests] == [(0, 2, "terse"), (2, 3, "careful")]
 
 
 def test_variant_name_reaches_the_wire() -> None:
@@ -164,11 +167,11 @@ def test_variant_name_reaches_the_wire() -> None:
 
     snap = make_snapshot(tiers=[{"model": "nfull", "variants": VARIANTS}])
     tier = snap.tier(1)
-    _, careful = plan_groups(tier, ROW, set())
+    _, careful = plan_requests(tier, ROW, set())
     pool = ProviderPool(transport=httpx.MockTransport(handler))
     try:
         # When the group's request is sent
-        _request(SimpleNamespace(providers=pool), snap, tier, careful)  # type: ignore[arg-type]
+        send(SimpleNamespace(providers=pool), snap, tier, careful)  # type: ignore[arg-type]
     finally:
         pool.close()
 
@@ -246,16 +249,27 @@ SPLIT = answers("yes", "no", "maybe")  # all valid, no majority reaches 0.6
         ("accept_last", 2, {0: "not json", 1: '{"label": "perhaps"}'}, False),
     ],
 )
-def test_judge_accepts_any_only_at_the_last_tier(
+def test_accept_last_takes_a_split_vote_only_at_the_last_tier(
     on_exhausted: str, tier: int, given: dict[int, str | None], passed: bool
 ) -> None:
     # Given a two-tier task type with on_exhausted set
     snap = make_snapshot(tiers=["nfull", "single"], on_exhausted=on_exhausted)
+    claim = Claim(7, "b", "k", ROW, tier, Stage.VALIDATE, 1)
 
-    # When a tier's split answers are judged
+    # When a tier's split answers are judged and the verdict ends the claim
     verdict = judge(snap, tier, given)
+    writes = Writes()
+    writes.verdict(snap, claim, verdict)
 
-    # Then only accept_last at the last tier passes a split vote, and never without a valid sample
-    assert verdict.passed is passed
+    # Then the validator never passes a split vote; the policy accepts it only under accept_last at the last
+    # tier, and never without a valid sample
+    assert not verdict.passed
+    (move,) = writes.moves
+    (recorded,) = writes.validations
+    assert (move.status is JobStatus.SUCCEEDED) is passed
+    assert recorded["passed"] is passed
     if passed:
-        assert verdict.result == {"label": "yes"}  # a tie goes to the earliest sample
+        assert json.loads(move.output_json or "null") == {"label": "yes"}  # a tie goes to the earliest sample
+        assert json.loads(recorded["reasons"]) == []
+    else:
+        assert move.status is (JobStatus.QUEUED if tier == 1 else JobStatus.FAILED)

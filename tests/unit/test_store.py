@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,17 @@ def test_the_check_survives_python_dash_o() -> None:
 def test_every_status_has_a_row_and_terminal_ones_go_nowhere() -> None:
     assert set(TRANSITIONS) == set(JobStatus)
     assert TRANSITIONS[JobStatus.SUCCEEDED] == TRANSITIONS[JobStatus.FAILED] == frozenset()
+
+
+_ON_JOBS_OR_BATCHES = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN|COPY)\s+(?:jobs|batches)\b")
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "cascade").rglob("*.py") if "store" not in p.parts),
+                         ids=lambda p: str(p.relative_to(ROOT / "cascade")))
+def test_statements_on_jobs_and_batches_live_in_store(path: Path) -> None:
+    # Given a cascade module outside cascade/store/
+    source = path.read_text(encoding="utf-8")
+    # When its text is searched for SQL that reads or writes jobs or batches
+    found = _ON_JOBS_OR_BATCHES.findall(source)
+    # Then there is none: every such statement (and the database errors it raises) belongs to store
+    assert not found, f"{path.name}: {found}"

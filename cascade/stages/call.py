@@ -1,0 +1,289 @@
+"""The call stage: send each claimed job's requests for its tier, record them, move the jobs on.
+
+Three steps, each with its own transaction: claim (and insert the rows of the requests that go out now),
+send every request of every job at once (retrying as ``cascade.policy`` decides), then record every
+request's outcome and move each job: to validation, back to Postgres (deferred), or to the policy's
+verdict when its requests gave up. A request is always recorded before it is sent, and every answer that
+came back is recorded, whatever happened to the message's other requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cascade import store
+from cascade.config import ResolvedTier, TaskSnapshot
+from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
+from cascade.policy import RequestAction, RequestStep, after_request_error, is_retryable
+from cascade.ratelimit import UNLIMITED, Reservation
+from cascade.stages.context import StageContext, request_threads
+from cascade.stages.ledger import Writes, claim_due, holding
+from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send
+from cascade.store import Claim, JobStatus, Stage
+from cascade.validate import Verdict, model_error
+
+__all__ = ["run_call", "run_calls"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    """One request of a job to send: its attempts row (None: inserted after waiting for its rate-limit slot),
+    and the failures of earlier claims, so retries and backoff go on where they stopped."""
+
+    request: Request
+    attempt_id: int | None
+    wait_s: float = 0.0
+    limited: int = 0  # 429s
+    failed: int = 0  # other failures
+
+
+@dataclass
+class _Sent:
+    """What became of one request after its retries: the rows to record and how it ended."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)  # Any: attempts UPDATE parameters
+    answered: bool = False
+    defer_s: float = 0.0
+    error_kind: str | None = None
+    error_detail: str = ""
+    #: an unexpected error (a database blip while recording a retry): the job is sent again from Postgres
+    crashed: bool = False
+
+
+@dataclass
+class _CallJob:
+    """One claimed job of a call message: its requests and what became of them."""
+
+    claim: Claim
+    snap: TaskSnapshot
+    tier: ResolvedTier
+    pending: list[_Pending] = field(default_factory=list)
+    sent: list[_Sent] = field(default_factory=list)
+
+    def deferred_s(self) -> float:
+        return max((s.defer_s for s in self.sent), default=0.0)
+
+    def gave_up(self) -> list[_Sent]:
+        return [s for s in self.sent if s.error_kind and not s.defer_s]
+
+
+def run_call(ctx: StageContext, job_id: int, tier: int) -> bool:
+    """Call stage of one job (see ``run_calls``): False when the message was stale or the claim was lost."""
+    return run_calls(ctx, [job_id], tier) == 1
+
+
+def run_calls(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
+    """Call stage: send each job's requests for the tier (all jobs' at once), record them, move the jobs to
+    validation. Returns how many jobs moved (stale ids and lost claims do not)."""
+    jobs, moved_early, claims = _claim(ctx, job_ids, tier)
+    if not claims:
+        return moved_early
+    with holding(ctx, claims):
+        _send_all(ctx, jobs)
+        return moved_early + _finish(ctx, jobs)
+
+
+def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_CallJob], int, list[Claim]]:
+    """Claim the due jobs and plan their requests; a job that cannot send now (no usable model, no rate-limit
+    slot soon) moves at once. Returns the jobs to send, how many moved, and every claim still held."""
+    writes = Writes()
+    jobs: list[_CallJob] = []
+    with ctx.engine.begin() as conn:
+        claimed = claim_due(ctx, conn, job_ids, tier, Stage.CALL)
+        if not claimed:
+            return [], 0, []
+        history = store.prepare_attempts(conn, [claim for claim, _ in claimed], tier)
+        for claim, snap in claimed:
+            job = _plan(ctx, writes, claim, snap, history[claim.job_id])
+            if job is not None:
+                jobs.append(job)
+        # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting.
+        now = [(job, p) for job in jobs for p in job.pending if p.wait_s <= 0]
+        ids = store.start_attempts(conn, [store.NewAttempt(job.claim.job_id, tier, job.tier.model.name,
+                                                           p.request.variant, p.request.sample, p.request.n)
+                                          for job, p in now])
+        for (_, p), attempt_id in zip(now, ids, strict=True):
+            p.attempt_id = attempt_id
+        moved, due = writes.write(conn)
+    ctx.publisher.publish(due)
+    return jobs, moved, [job.claim for job in jobs]
+
+
+def _plan(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
+          past: store.History) -> _CallJob | None:
+    """The job's requests, or None when it moved at once (``writes`` says where)."""
+    tier = snap.tier(claim.tier)
+    unusable = _unusable_model(ctx, tier)
+    if unusable is not None:
+        writes.verdict(snap, claim, unusable)
+        return None
+    requests = plan_requests(tier, claim.input, set(past.answered))
+    slots = _reserve(ctx, tier, len(requests), hold=f"{claim.job_id}:{claim.tier}")
+    if not slots.granted:
+        # No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
+        # little before its held slot (the sweeper re-publishes it) and waits the rest inline.
+        writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=_slot_delay(ctx, slots),
+                    error=_limit_note(tier, slots))
+        return None
+    job = _CallJob(claim, snap, tier)
+    job.pending = [_Pending(r, None, slots.wait_s(i), past.failures.get((r.sample, r.n, True), 0),
+                            past.failures.get((r.sample, r.n, False), 0)) for i, r in enumerate(requests)]
+    return job
+
+
+def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
+    """A model this worker cannot call (its API key variable is unset) is a model error the policy decides,
+    not a job left running until its lease expires."""
+    try:
+        ctx.providers.get(tier.model)
+    except ConfigError as exc:
+        return model_error("config", str(exc), samples=tier.samples)
+    return None
+
+
+def _reserve(ctx: StageContext, tier: ResolvedTier, count: int, *, hold: str | None) -> Reservation:
+    """Slots for ``count`` requests under the model's ``rate_limit_rpm`` (shared by every worker)."""
+    rpm = tier.model.rate_limit_rpm
+    limiter = ctx.limiter() if rpm and count else None
+    if limiter is None or rpm is None:
+        return UNLIMITED
+    return limiter.reserve(tier.model.name, rpm, count=count, max_wait_s=ctx.limit_wait_s, hold=hold)
+
+
+def _limit_note(tier: ResolvedTier, slots: Reservation) -> str:
+    return (f"waiting for model {tier.model.name!r} (rate_limit_rpm {tier.model.rate_limit_rpm}): "
+            f"next slot in {slots.first_s:.1f} s")
+
+
+def _slot_delay(ctx: StageContext, slots: Reservation) -> float:
+    """How long a job waits in Postgres for a slot: until the slot is 0.8 × the inline bound away, so the
+    sweeper's cadence and the clocks of Postgres and Redis may be a little late without missing it."""
+    return max(0.05, slots.first_s - 0.8 * ctx.limit_wait_s)
+
+
+def _send_all(ctx: StageContext, jobs: list[_CallJob]) -> None:
+    """Send every request of every job at once (gevent patches threads into greenlets in workers). An
+    unexpected error in one request ends that request only: the others' answers are already paid for."""
+    work = [(job, p) for job in jobs for p in job.pending]
+
+    def one(item: tuple[_CallJob, _Pending]) -> _Sent:
+        job, pending = item
+        sent = _Sent()
+        try:
+            _send_with_retries(ctx, job, pending, sent)
+        except Exception:
+            log.exception("job %s tier %s: request from sample %s failed unexpectedly; the job is sent again",
+                          job.claim.job_id, job.claim.tier, pending.request.sample)
+            sent.crashed = True
+        return sent
+
+    results = [one(item) for item in work] if len(work) <= 1 else list(request_threads().map(one, work))
+    for (job, _), sent in zip(work, results, strict=True):
+        job.sent.append(sent)
+
+
+def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent) -> None:
+    """Send one request, retrying as the policy says; every request has its attempts row first. Stops when
+    the claim was taken over (``taken_over``: nothing more goes out for a job this worker no longer holds)."""
+    attempt_id = pending.attempt_id
+    if attempt_id is None:
+        ctx.sleep(pending.wait_s)
+        attempt_id = _start_attempt(ctx, job, pending.request)
+    while attempt_id is not None:
+        started = time.monotonic()
+        try:
+            done = send(ctx, job.snap, job.tier, pending.request)
+        except ProviderError as exc:
+            sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
+            sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
+            step = _after_failure(ctx, job.tier, pending, exc)
+            if step.action is RequestAction.GIVE_UP:
+                return
+            if step.action is RequestAction.DEFER or not _wait_to_retry(ctx, job.tier, step, sent):
+                sent.defer_s = sent.defer_s or step.delay_s
+                return
+            attempt_id = _start_attempt(ctx, job, pending.request)
+            continue
+        sent.rows.append(answer_row(attempt_id, job.snap, job.tier, pending.request, done))
+        sent.answered = True
+        return
+    sent.error_kind, sent.error_detail = "taken_over", "the job was handed to another worker"
+
+
+def _after_failure(ctx: StageContext, tier: ResolvedTier, pending: _Pending, exc: ProviderError) -> RequestStep:
+    """Count the failure and ask the policy what comes next (no I/O)."""
+    limited = exc.kind == "rate_limited"
+    if limited:
+        pending.limited += 1
+    else:
+        pending.failed += 1
+    return after_request_error(
+        exc.kind, retryable=is_retryable(exc.kind, exc.status),
+        attempt=pending.limited if limited else pending.failed, max_retries=tier.model.max_retries,
+        retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
+        max_inline_wait_s=ctx.settings.max_inline_wait_s)
+
+
+def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, step: RequestStep, sent: _Sent) -> bool:
+    """Carry out a RETRY step: record the failed request, back off, take a rate-limit slot. False when no slot
+    comes soon (``sent.defer_s`` then says how long the job waits in Postgres)."""
+    with ctx.engine.begin() as conn:  # a failed request is recorded before its retry goes out
+        store.end_attempts(conn, sent.rows)
+    sent.rows.clear()
+    ctx.sleep(step.delay_s)
+    slot = _reserve(ctx, tier, 1, hold=None)
+    if not slot.granted:
+        sent.defer_s, sent.error_detail = _slot_delay(ctx, slot), _limit_note(tier, slot)
+        return False
+    ctx.sleep(slot.wait_s(0))
+    sent.error_kind, sent.error_detail = None, ""
+    return True
+
+
+def _start_attempt(ctx: StageContext, job: _CallJob, request: Request) -> int | None:
+    """The row of a request about to go out; None when the claim was taken over meanwhile (no request)."""
+    with ctx.engine.begin() as conn:
+        return store.start_held_attempt(conn, job.claim, job.tier.model.name, request.variant, request.sample,
+                                        request.n)
+
+
+def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
+    """Record every request's outcome and move each job (``_end``); returns how many moved."""
+    writes = Writes()
+    with ctx.engine.begin() as conn:
+        store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows])
+        gave_up = [job for job in jobs if job.gave_up() and not job.deferred_s() and not _crashed(job)]
+        answered = store.answers_many(conn, [job.claim.job_id for job in gave_up], jobs[0].claim.tier) \
+            if gave_up else {}
+        for job in jobs:
+            _end(writes, job, answered.get(job.claim.job_id))
+        moved, due = writes.write(conn)
+    ctx.publisher.publish(due)
+    return moved
+
+
+def _crashed(job: _CallJob) -> bool:
+    return any(s.crashed for s in job.sent)
+
+
+def _end(writes: Writes, job: _CallJob, answered: store.Answers | None) -> None:
+    """Where one job goes after its requests: sent again (a request crashed), deferred, the policy's verdict
+    (every request gave up and no answer counts), or validation."""
+    claim = job.claim
+    if _crashed(job):
+        writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, then=(claim.job_id, claim.tier, Stage.CALL))
+    elif job.deferred_s():
+        writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=job.deferred_s(),
+                    error=next(s.error_detail for s in job.sent if s.defer_s)[:1000])
+    elif answered is not None and not answered.contents:
+        first = job.gave_up()[0]
+        writes.verdict(job.snap, claim, model_error(first.error_kind or "error", first.error_detail[:500],
+                                                    samples=job.tier.samples))
+    else:
+        writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.VALIDATE, then=(claim.job_id, claim.tier, Stage.VALIDATE))

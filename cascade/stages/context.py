@@ -1,0 +1,76 @@
+"""What stages need from the outside world, built once per worker process."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from cascade.config import CascadeSettings, TaskSnapshot
+from cascade.liveness import HeldClaims
+from cascade.providers import ProviderPool
+from cascade.publish import Publisher
+from cascade.ratelimit import RateLimiter, RedisRateLimiter
+
+__all__ = ["StageContext", "request_threads"]
+
+
+@dataclass
+class StageContext:
+    """The engine, publisher, providers and settings a stage runs with.
+
+    ``rate_limiter`` None means one on the broker's Redis (``settings.broker_url``), built on first use
+    by a model with ``rate_limit_rpm``; without a broker URL no rate limit is applied. ``worker_id`` names
+    the heartbeating process that claims (``cascade.liveness``); None means claims rely on their lease.
+    ``held`` lists the claims in progress, whose leases the heartbeat renews.
+    """
+
+    engine: Engine
+    publisher: Publisher
+    providers: ProviderPool
+    settings: CascadeSettings
+    sleep: Callable[[float], None] = time.sleep
+    rate_limiter: RateLimiter | None = None
+    worker_id: str | None = None
+    held: HeldClaims = field(default_factory=HeldClaims)
+    _snapshots: OrderedDict[str, TaskSnapshot] = field(default_factory=OrderedDict)
+
+    def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]]) -> TaskSnapshot:  # Any: JSON
+        """The batch's task snapshot; immutable once submitted, so it is cached per process."""
+        snap = self._snapshots.get(batch_id)
+        if snap is None:
+            snap = TaskSnapshot.model_validate(load())
+            self._snapshots[batch_id] = snap
+            if len(self._snapshots) > 256:
+                self._snapshots.popitem(last=False)
+        return snap
+
+    def limiter(self) -> RateLimiter | None:
+        """The process's rate limiter (see the class docstring); None when there is no broker to share."""
+        if self.rate_limiter is None and self.settings.broker_url:
+            self.rate_limiter = RedisRateLimiter.from_broker(self.settings.broker_url,
+                                                             key_prefix=self.settings.key_prefix)
+        return self.rate_limiter
+
+    @property
+    def limit_wait_s(self) -> float:
+        """Longest inline wait for a rate-limit slot; a job also comes back this long before its held slot."""
+        return max(0.5, self.settings.max_inline_wait_s)
+
+
+_THREADS: ThreadPoolExecutor | None = None
+
+
+def request_threads() -> ThreadPoolExecutor:
+    """The process's request threads (greenlets under gevent), reused from message to message: starting a
+    thread per request cost more than the request's own bookkeeping. Built on first use, after a gevent
+    worker patched threading; idle threads cost nothing but their stack."""
+    global _THREADS
+    if _THREADS is None:
+        _THREADS = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="cascade-request")
+    return _THREADS

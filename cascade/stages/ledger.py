@@ -1,0 +1,110 @@
+"""What a stage writes: its claims, and what ends them (moves and verdicts) in one transaction.
+
+``claim_due`` takes the jobs of a message that are still due; ``Writes`` collects how each claim ends
+(decided by ``cascade.policy``) and ``Writes.write`` puts it all in the caller's transaction: the moves
+first, guarded by each claim's number, then the verdicts of the jobs that moved. Nothing here talks to a
+provider or the broker: the caller publishes the returned next steps after its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import Connection
+
+from cascade import store
+from cascade.config import TaskSnapshot
+from cascade.policy import Action, after_verdict
+from cascade.publish import Due
+from cascade.stages.context import StageContext
+from cascade.store import Claim, JobStatus, Stage
+from cascade.validate import Verdict
+
+__all__ = ["Writes", "claim_due", "holding"]
+
+log = logging.getLogger(__name__)
+
+
+def claim_due(ctx: StageContext, conn: Connection, job_ids: Sequence[int], tier: int,
+              stage: Stage) -> list[tuple[Claim, TaskSnapshot]]:
+    """Claim the jobs due at (tier, stage), each with its batch's snapshot; the others already moved on."""
+    claims = store.claim(conn, job_ids, tier, stage, ctx.settings.lease_s, ctx.worker_id)
+    if len(claims) < len(job_ids):
+        # Losing the race is normal (a redelivered or re-published message): not an error.
+        log.debug("tier %s %s: %d of %d jobs already moved on", tier, stage.value, len(job_ids) - len(claims),
+                  len(job_ids))
+    return [(claim, ctx.snapshot(claim.batch_id, partial(store.batch_config, conn, claim.batch_id)))
+            for claim in claims]
+
+
+@contextmanager
+def holding(ctx: StageContext, claims: Sequence[Claim]) -> Iterator[None]:
+    """Keep ``claims`` in the process's held set while the stage works on them (the heartbeat renews their
+    leases); on an error they are handed back to the queue at once instead of waiting for the lease."""
+    ctx.held.add(claims)
+    try:
+        yield
+    except BaseException:
+        _release(ctx, claims)
+        raise
+    finally:
+        ctx.held.discard(claims)
+
+
+def _release(ctx: StageContext, claims: Sequence[Claim]) -> None:
+    try:
+        with ctx.engine.begin() as conn:
+            due = store.release(conn, claims)
+        ctx.publisher.publish(due)
+    # Any error here: the stage's own error is the one to raise; the lease or the sweeper covers the rest.
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not hand back %d claimed jobs: %s", len(claims), str(exc).splitlines()[0])
+
+
+@dataclass
+class Writes:
+    """How the claims of one message end: moves, their next messages, and verdicts."""
+
+    validations: list[dict[str, Any]] = field(default_factory=list)  # Any: validations INSERT parameters
+    moves: list[store.Move] = field(default_factory=list)
+    next_steps: dict[int, Due] = field(default_factory=dict)
+
+    def move(self, claim: Claim, status: JobStatus, tier: int, stage: Stage, *, output_json: str | None = None,
+             error: str | None = None, delay_s: float = 0.0, then: Due | None = None) -> None:
+        self.moves.append(store.Move(claim, status, tier, stage, output_json, error, delay_s))
+        if then is not None:
+            self.next_steps[claim.job_id] = then
+
+    def verdict(self, snap: TaskSnapshot, claim: Claim, verdict: Verdict) -> None:
+        """Record a tier's verdict and move the job as the policy decides."""
+        task = snap.task_type
+        step = after_verdict(verdict.passed, claim.tier, snap.tier_count, on_exhausted=task.on_exhausted,
+                             has_answer=verdict.votes > 0)
+        accepted = step.action is Action.ACCEPT
+        self.validations.append({
+            "job_id": claim.job_id, "tier": claim.tier, "model": snap.tier(claim.tier).model.name,
+            # an answer the policy accepted as the last tier's counts as passed, as it always has
+            "passed": accepted, "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
+            "reasons": json.dumps(store.pg_json([] if accepted else [r.to_json() for r in verdict.reasons])),
+        })
+        if accepted:
+            self.move(claim, JobStatus.SUCCEEDED, claim.tier, Stage.VALIDATE,
+                      output_json=json.dumps(store.pg_json(verdict.result)))
+        elif step.action is Action.ESCALATE:
+            self.move(claim, JobStatus.QUEUED, step.tier, Stage.CALL, then=(claim.job_id, step.tier, Stage.CALL))
+        else:
+            error = "; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000]
+            self.move(claim, JobStatus.FAILED, claim.tier, Stage.VALIDATE, error=store.pg_text(error))
+
+    def write(self, conn: Connection) -> tuple[int, list[Due]]:
+        """Write everything in ``conn``'s transaction; returns how many jobs moved and the messages due for
+        them. A verdict is recorded only for a job that moved: a claim that was taken over leaves no trace."""
+        moved = store.move_many(conn, self.moves)
+        store.record_validations(conn, [v for v in self.validations if v["job_id"] in moved])
+        return len(moved), [due for job_id, due in self.next_steps.items() if job_id in moved]

@@ -1,0 +1,54 @@
+"""The validate stage: vote on each job's samples, then accept, escalate or fail, in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from cascade import store
+from cascade.config import Length, TaskSnapshot
+from cascade.stages.context import StageContext
+from cascade.stages.ledger import Writes, claim_due
+from cascade.stages.requests import stored_cap
+from cascade.store import Stage
+from cascade.validate import Verdict, vote
+
+__all__ = ["judge", "run_validate", "run_validates"]
+
+
+def run_validate(ctx: StageContext, job_id: int, tier: int) -> bool:
+    """Validate stage of one job (see ``run_validates``)."""
+    return run_validates(ctx, [job_id], tier) == 1
+
+
+def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
+    """Validate stage: vote on each job's samples and move it as the policy decides, all in one
+    transaction (a crash leaves every job where it was). Returns how many jobs moved."""
+    writes = Writes()
+    with ctx.engine.begin() as conn:
+        claimed = claim_due(ctx, conn, job_ids, tier, Stage.VALIDATE)
+        if not claimed:
+            return 0
+        answers = store.answers_many(conn, [claim.job_id for claim, _ in claimed], tier)
+        for claim, snap in claimed:
+            got = answers[claim.job_id]
+            writes.verdict(snap, claim, judge(snap, tier, got.contents, got.truncated))
+        moved, due = writes.write(conn)
+    ctx.publisher.publish(due)
+    return moved
+
+
+def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None],
+          truncated: Collection[int] = ()) -> Verdict:
+    """The validator's verdict on a tier's answers (sample index → content; ``truncated``: samples cut at
+    max_tokens). What follows from it, ``on_exhausted`` included, is the policy's (``Writes.verdict``)."""
+    task, resolved = snap.task_type, snap.tier(tier)
+    texts = [answers.get(i) for i in range(resolved.samples)]
+    return vote(texts, samples=resolved.samples, min_agreement=resolved.min_agreement, output=task.output,
+                schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields, truncated=truncated)
+
+
+def _length(snap: TaskSnapshot) -> Length:
+    """The task's length limits, max_chars at most what is stored: a cut answer is never accepted."""
+    length = snap.task_type.length
+    cap = stored_cap(snap)
+    return length if length.max_chars < cap else length.model_copy(update={"max_chars": cap - 1})

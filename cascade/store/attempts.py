@@ -1,0 +1,185 @@
+"""Requests to models (``attempts``) and the verdicts on their answers (``validations``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from cascade.store.jobs import Claim
+
+__all__ = [
+    "INTERRUPTED",
+    "IN_FLIGHT",
+    "Answers",
+    "History",
+    "NewAttempt",
+    "answers_many",
+    "end_attempts",
+    "prepare_attempts",
+    "record_validations",
+    "start_attempts",
+    "start_held_attempt",
+]
+
+IN_FLIGHT = "in_flight"
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class History:
+    """A claimed job's earlier requests at its tier: samples answered, and failed requests per group
+    ``(sample, n, rate_limited)`` (a deferred retry continues its backoff instead of starting over)."""
+
+    answered: frozenset[int]
+    failures: dict[tuple[int, int, bool], int]
+
+
+_INTERRUPT = text("""
+UPDATE attempts SET error = 'interrupted' WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
+""")
+_HISTORY = text("""
+SELECT job_id, sample, n, error FROM attempts
+WHERE job_id = ANY(:ids) AND tier = :tier AND (error IS NULL OR error NOT IN ('in_flight', 'interrupted'))
+""")
+
+
+def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> dict[int, History]:
+    """Mark requests of earlier claims that never finished as interrupted; return each job's history."""
+    ids = [c.job_id for c in claims]
+    conn.execute(_INTERRUPT, {"ids": ids, "tier": tier})
+    answered: dict[int, set[int]] = {i: set() for i in ids}
+    failures: dict[int, dict[tuple[int, int, bool], int]] = {i: {} for i in ids}
+    for job_id, sample, n, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
+        if error is None:
+            answered[job_id].update(range(sample, sample + n))
+        else:
+            key = (sample, n, error == "rate_limited")
+            failures[job_id][key] = failures[job_id].get(key, 0) + 1
+    return {i: History(frozenset(answered[i]), failures[i]) for i in ids}
+
+
+@dataclass(frozen=True)
+class NewAttempt:
+    job_id: int
+    tier: int
+    model: str
+    variant: str | None
+    sample: int
+    n: int
+
+
+_NEW_ATTEMPTS = text("""
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
+SELECT job_id, tier, model, variant, sample, n, 'in_flight'
+FROM unnest(CAST(:job_ids AS bigint[]), CAST(:tiers AS int[]), CAST(:models AS text[]), CAST(:variants AS text[]),
+            CAST(:samples AS int[]), CAST(:ns AS int[])) AS a(job_id, tier, model, variant, sample, n)
+RETURNING id, job_id, tier, sample
+""")
+
+
+def start_attempts(conn: Connection, new: Sequence[NewAttempt]) -> list[int]:
+    """Insert the rows of requests about to go out (so their spend stays visible if we crash), in one
+    statement; returns their ids in the order given. The requests of one call are distinct (job, tier,
+    sample)s: groups of a tier never share a first sample."""
+    if not new:
+        return []
+    params = {"job_ids": [a.job_id for a in new], "tiers": [a.tier for a in new], "models": [a.model for a in new],
+              "variants": [a.variant for a in new], "samples": [a.sample for a in new], "ns": [a.n for a in new]}
+    ids = {(job_id, tier, sample): int(i) for i, job_id, tier, sample in conn.execute(_NEW_ATTEMPTS, params)}
+    return [ids[(a.job_id, a.tier, a.sample)] for a in new]
+
+
+_HELD_ATTEMPT = text("""
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
+SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight' FROM jobs
+WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no
+FOR SHARE
+RETURNING id
+""")
+
+
+def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str | None, sample: int,
+                       n: int) -> int | None:
+    """Insert the row of one request about to go out, if ``held`` is still this worker's claim; None when the
+    job was taken over (the worker froze or lost Postgres for longer than the dead-after bound): its request
+    must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted."""
+    row = conn.execute(_HELD_ATTEMPT, {"job_id": held.job_id, "claim_no": held.claim_no, "tier": held.tier,
+                                       "model": model, "variant": variant, "sample": sample, "n": n}).first()
+    return None if row is None else int(row.id)
+
+
+# A row marked interrupted meanwhile belongs to a claim that was taken over (its worker froze past the
+# dead-after bound, then resumed): its tokens and cost are recorded (the provider billed them) but its
+# error stays, so it never counts as an answer beside the new claim's.
+_END_ATTEMPTS = text("""
+UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, output_tokens = e.output_tokens,
+                      cost_usd = e.cost_usd,
+                      error = CASE WHEN a.error = 'in_flight' THEN e.error ELSE a.error END,
+                      detail = CASE WHEN a.error = 'in_flight' THEN e.detail
+                                    ELSE 'came back after the job was taken over: ' || coalesce(e.error, 'answer') END,
+                      response = CAST(e.response AS jsonb), truncated = CAST(e.truncated AS jsonb)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
+            CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
+            CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]))
+     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated)
+WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
+RETURNING a.job_id, a.error = 'interrupted' AS late
+""")
+_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated")
+# A late answer's cost joins its job's total at once (a job that already finished is not moved again).
+_RECOST = text("""
+UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id)
+WHERE id = ANY(:ids)
+""")
+
+
+def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
+    """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
+    response and truncated as JSON text or None; truncated may be left out) in one statement. A request
+    whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job."""
+    if rows:
+        params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
+        params.update({name: [r.get(name) for r in rows] for name in _END_FIELDS})
+        late = {job_id for job_id, is_late in conn.execute(_END_ATTEMPTS, params) if is_late}
+        if late:
+            conn.execute(_RECOST, {"ids": sorted(late)})
+
+
+_ANSWERS = text("""
+SELECT job_id, sample, response, truncated FROM attempts WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
+""")
+
+
+@dataclass
+class Answers:
+    """A job's counted answers at one tier: sample index → content, and the samples cut off at max_tokens."""
+
+    contents: dict[int, str | None]
+    truncated: set[int]
+
+
+def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, Answers]:
+    """Per job: the answers of the requests that count."""
+    out = {i: Answers({}, set()) for i in job_ids}
+    for job_id, sample, response, truncated in conn.execute(_ANSWERS, {"ids": list(job_ids), "tier": tier}):
+        for i, content in enumerate(response or []):
+            out[job_id].contents[sample + i] = content
+        out[job_id].truncated.update(truncated or [])
+    return out
+
+
+_VALIDATION = text("""
+INSERT INTO validations (job_id, tier, model, passed, reasons, agreement, votes, samples)
+VALUES (:job_id, :tier, :model, :passed, CAST(:reasons AS jsonb), :agreement, :votes, :samples)
+ON CONFLICT (job_id, tier) DO NOTHING
+""")
+
+
+def record_validations(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
+    """Insert verdicts (one per job and tier: a repeated one is ignored); pipelined in one round trip."""
+    if rows:
+        conn.execute(_VALIDATION, rows)
+

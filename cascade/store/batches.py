@@ -1,0 +1,203 @@
+"""Batches and their jobs as a whole: inserting a batch (one COPY), and what the producer, the client, the CLI
+and evaluation read about it.
+
+Database errors are translated here: a second batch with a taken idempotency key raises
+``IdempotencyKeyTaken``, two rows with one key ``DuplicateKey``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from psycopg.errors import UniqueViolation
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
+
+from cascade.errors import DuplicateKey, IdempotencyKeyTaken
+
+__all__ = [
+    "JobResult",
+    "NewBatch",
+    "batch_by_key",
+    "batch_config",
+    "batch_rows",
+    "copy_jobs",
+    "count_finished",
+    "count_jobs",
+    "count_jobs_by_tier",
+    "finish_batch",
+    "insert_batch",
+    "job_results",
+    "max_tiers",
+    "queued_calls",
+]
+
+
+def batch_config(conn: Connection, batch_id: str) -> dict[str, Any]:  # Any: snapshot JSON
+    return dict(conn.execute(text("SELECT config FROM batches WHERE id = :id"), {"id": batch_id}).scalar_one())
+
+
+# --- submitting ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """A batch row as inserted before its jobs: ``rows`` and ``content_hash`` come with ``finish_batch``."""
+
+    id: str
+    task_type: str
+    idempotency_key: str | None
+    config_json: str  # the task's snapshot (``TaskSnapshot.to_json``) as JSON text
+    config_hash: str
+    source: str
+    tiers: int
+    top_input_per_mtok: Decimal
+    top_output_per_mtok: Decimal
+
+
+_INSERT_BATCH = text("""
+INSERT INTO batches (id, task_type, idempotency_key, content_hash, config, config_hash, rows, source, tiers,
+                     top_input_per_mtok, top_output_per_mtok)
+VALUES (:id, :task, :key, '', CAST(:config AS jsonb), :hash, 0, :source, :tiers, :tin, :tout)
+""")
+
+
+def insert_batch(conn: Connection, batch: NewBatch) -> None:
+    """Insert a batch row, with no jobs yet.
+
+    Raises:
+        IdempotencyKeyTaken: another batch holds ``batch.idempotency_key`` (a concurrent submit with the same
+            key committed first); the transaction is aborted.
+    """
+    params = {"id": batch.id, "task": batch.task_type, "key": batch.idempotency_key, "config": batch.config_json,
+              "hash": batch.config_hash, "source": batch.source, "tiers": batch.tiers,
+              "tin": batch.top_input_per_mtok, "tout": batch.top_output_per_mtok}
+    try:
+        conn.execute(_INSERT_BATCH, params)
+    except IntegrityError as exc:
+        if batch.idempotency_key and "idempotency_key" in str(exc.orig):
+            raise IdempotencyKeyTaken(batch.idempotency_key) from exc
+        raise
+
+
+_COPY_JOBS = "COPY jobs (batch_id, task_type, key, input) FROM STDIN"
+_DUPLICATE = re.compile(r"\(batch_id, key\)=\([^,]*, (.*)\) already exists")
+_COPY_LINE = re.compile(r"COPY jobs, line (\d+)")
+
+
+def copy_jobs(conn: Connection, batch_id: str, task_type: str, rows: Iterable[tuple[str, str]]) -> int:
+    """Copy a batch's jobs, (key, input as JSON text) each, in one COPY as ``rows`` yields them (a batch is
+    never all in memory); returns how many. An error ``rows`` raises ends the COPY and propagates.
+
+    Raises:
+        DuplicateKey: two rows have the same key; the transaction is aborted.
+    """
+    count = 0
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    try:
+        with raw.cursor() as cur, cur.copy(_COPY_JOBS) as copy:
+            for key, data in rows:
+                copy.write_row((batch_id, task_type, key, data))
+                count += 1
+    except UniqueViolation as exc:
+        match = _DUPLICATE.search(exc.diag.message_detail or "")
+        copied = _COPY_LINE.search(exc.diag.context or "")
+        raise DuplicateKey(match.group(1) if match else "?", int(copied.group(1)) if copied else None) from exc
+    return count
+
+
+_FINISH_BATCH = text("UPDATE batches SET rows = :n, content_hash = :h WHERE id = :id")
+
+
+def finish_batch(conn: Connection, batch_id: str, rows: int, content_hash: str) -> None:
+    """Record a batch's job count and content hash, once its jobs are copied."""
+    conn.execute(_FINISH_BATCH, {"n": rows, "h": content_hash, "id": batch_id})
+
+
+_BY_KEY = text("SELECT id, content_hash FROM batches WHERE idempotency_key = :k")
+
+
+def batch_by_key(conn: Connection, key: str) -> tuple[str, str] | None:
+    """(batch id, content hash) of the batch submitted with idempotency key ``key``, if there is one."""
+    row = conn.execute(_BY_KEY, {"k": key}).first()
+    return (row.id, row.content_hash) if row else None
+
+
+_QUEUED_CALLS = text("SELECT id FROM jobs WHERE batch_id = :b AND status = 'queued' AND stage = 'call' ORDER BY id")
+
+
+def queued_calls(conn: Connection, batch_id: str, chunk: int) -> Iterator[list[int]]:
+    """The ids of a batch's queued calls in chunks of ``chunk``, streamed (a server-side cursor on ``conn``,
+    which must stay open while they are read)."""
+    result = conn.execution_options(stream_results=True, yield_per=chunk).execute(_QUEUED_CALLS, {"b": batch_id})
+    for part in result.partitions(chunk):
+        yield [job_id for (job_id,) in part]
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int] | None:
+    """(task type, row count) of a batch; None if there is no such batch."""
+    row = conn.execute(text("SELECT task_type, rows FROM batches WHERE id = :b"), {"b": batch_id}).first()
+    return None if row is None else (row.task_type, row.rows)
+
+
+_COUNT_JOBS = text("SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE batch_id = :b GROUP BY status, tier")
+
+
+def count_jobs(conn: Connection, batch_id: str) -> list[tuple[str, int, int, Decimal | None]]:
+    """A batch's jobs per (status, tier): (status, tier, count, total cost)."""
+    return [(status, tier, n, cost) for status, tier, n, cost in conn.execute(_COUNT_JOBS, {"b": batch_id})]
+
+
+_BY_TIER = text("SELECT tier, status, count(*) FROM jobs WHERE batch_id = ANY(:ids) GROUP BY tier, status")
+
+
+def count_jobs_by_tier(conn: Connection, batch_ids: Sequence[str]) -> list[tuple[int, str, int]]:
+    """The jobs of several batches per (tier, status): (tier, status, count)."""
+    return [(tier, status, n) for tier, status, n in conn.execute(_BY_TIER, {"ids": list(batch_ids)})]
+
+
+def max_tiers(conn: Connection, batch_ids: Sequence[str]) -> int:
+    """The most tiers any of the batches has (1 if none exists)."""
+    sql = text("SELECT coalesce(max(tiers), 1) FROM batches WHERE id = ANY(:ids)")
+    return int(conn.execute(sql, {"ids": list(batch_ids)}).scalar_one())
+
+
+_FINISHED = text("SELECT count(*), count(*) FILTER (WHERE status IN ('succeeded', 'failed')) FROM jobs "
+                 "WHERE batch_id = ANY(:ids)")
+
+
+def count_finished(conn: Connection, batch_ids: Sequence[str]) -> tuple[int, int]:
+    """(jobs, finished jobs) of several batches together."""
+    total, done = conn.execute(_FINISHED, {"ids": list(set(batch_ids))}).one()
+    return int(total), int(done)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Where one job ended, or stands."""
+
+    job_id: int
+    key: str
+    status: str
+    tier: int
+    output: Any  # Any: the job's JSON output, None until it succeeded
+    cost_usd: Decimal
+    error: str | None
+
+
+_RESULTS = text("SELECT id, key, status, tier, output, cost_usd, error FROM jobs WHERE batch_id = :b ORDER BY id")
+
+
+def job_results(conn: Connection, batch_id: str) -> Iterator[JobResult]:
+    """A batch's jobs in input order, streamed 1000 at a time (``conn`` must stay open while they are read)."""
+    result = conn.execution_options(stream_results=True, yield_per=1000).execute(_RESULTS, {"b": batch_id})
+    for r in result:
+        yield JobResult(r.id, r.key, r.status, r.tier, r.output, r.cost_usd, r.error)
