@@ -173,7 +173,7 @@ class Scratch:
     def sim(self, models: dict[str, dict[str, Any]], *, name: str = "sim") -> Sim:  # Any: sim settings
         """Start `cascade sim` with these models (SimModel fields) on a free port."""
         path = self.workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"seed": 1, "models": models}))
+        path.write_text(yaml.safe_dump({"seed": 1, "models": models, "unknown_models": "default"}))
         port = free_port()
         proc = self.start([sys.executable, "-m", "cascade.cli", "sim", "--port", str(port), "--config", str(path)],
                           name)

@@ -147,6 +147,9 @@ def _print_status(state: BatchStatus) -> None:
     table.add_row(str(state.rows), str(c.get("queued", 0)), str(c.get("running", 0)), str(c.get("succeeded", 0)),
                   str(c.get("failed", 0)), f"{state.cost_usd:.6f}")
     Console().print(table)
+    if state.halted:
+        err.print(f"[red]halted:[/red] {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -165,7 +168,8 @@ def wait(
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Wait for a batch to finish with a progress bar. Exit 1 if some jobs failed, 3 on timeout."""
+    """Wait for a batch to finish with a progress bar. Exit 1 if some jobs failed, 2 if the batch halted on a
+    configuration fault (fix it, then `cascade retry BATCH`), 3 on timeout."""
     client = _client()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=as_json) as bar:
@@ -179,12 +183,23 @@ def wait(
         state = _guard(lambda: client.wait(batch, timeout=timeout, on_progress=show))
     if as_json:
         typer.echo(json.dumps(state.to_json()))
+    if state.halted and not state.is_done:
+        err.print(f"batch halted: {escape(state.halted)}\nfix it, then: cascade retry {batch}", soft_wrap=True)
+        raise typer.Exit(2)
     if not state.is_done:
         err.print(f"timeout: {state.finished}/{state.rows} jobs finished")
         raise typer.Exit(3)
     if state.counts.get("failed"):
         err.print(f"{state.counts['failed']} of {state.rows} jobs failed")
         raise typer.Exit(1)
+
+
+@app.command()
+def retry(batch: str) -> None:
+    """Resume a batch halted by a configuration fault (bad key, unknown model), once it is fixed."""
+    client = _client()
+    resumed = _guard(lambda: client.resume(batch))
+    err.print(f"batch {batch}: {resumed} queued jobs published again")
 
 
 @app.command()

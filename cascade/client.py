@@ -35,6 +35,8 @@ class BatchStatus:
     counts: dict[str, int]  # by status
     by_tier: dict[int, int] = field(default_factory=dict)  # unfinished and finished jobs by current tier
     cost_usd: Decimal = Decimal(0)
+    #: why the batch stopped (a request no retry or bigger model can fix: bad key, unknown model), or None
+    halted: str | None = None
 
     @property
     def finished(self) -> int:
@@ -47,7 +49,8 @@ class BatchStatus:
     def to_json(self) -> dict[str, Any]:  # Any: JSON
         return {"batch_id": self.batch_id, "task_type": self.task_type, "rows": self.rows,
                 "finished": self.finished, "counts": self.counts,
-                "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd)}
+                "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd),
+                "halted": self.halted}
 
 
 class Client:
@@ -122,6 +125,7 @@ class Client:
             if batch is None:
                 raise InputError(f"no batch {batch_id!r}")
             rows = store.count_jobs(conn, batch_id)
+            halted = store.halt_reason(conn, batch_id)
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
@@ -129,7 +133,7 @@ class Client:
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
         task_type, size = batch
-        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost)
+        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted)
 
     def wait(
         self,
@@ -139,15 +143,26 @@ class Client:
         poll_s: float = 0.5,
         on_progress: Callable[[BatchStatus], None] | None = None,
     ) -> BatchStatus:
-        """Poll until every job is finished or ``timeout`` seconds passed; returns the last status."""
+        """Poll until every job is finished, the batch is halted (``halted`` says why: nothing more happens
+        until ``resume``), or ``timeout`` seconds passed; returns the last status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = self.status(batch_id)
             if on_progress:
                 on_progress(state)
-            if state.is_done or (deadline is not None and time.monotonic() >= deadline):
+            if state.is_done or state.halted or (deadline is not None and time.monotonic() >= deadline):
                 return state
             time.sleep(poll_s)
+
+    def resume(self, batch_id: str) -> int:
+        """Resume a halted batch (after fixing what halted it: the key on the workers, the model's config):
+        its queued jobs are published again. Returns how many. InputError if the batch does not exist."""
+        with self.engine.begin() as conn:
+            due = store.resume_batch(conn, batch_id)
+        if due is None:
+            raise InputError(f"no batch {batch_id!r}")
+        self.publisher.publish(due)
+        return len(due)
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:  # Any: JSON rows
         """One dict per input row, in input order: key, status, tier, output, cost_usd, error."""

@@ -47,14 +47,20 @@ class _Frozen(BaseModel):
 
 
 class Price(_Frozen):
-    """USD per million tokens."""
+    """USD per million tokens. ``cached_input_per_mtok`` prices the prompt tokens the provider served from
+    its prompt cache (``usage.prompt_tokens_details.cached_tokens``); unset, they cost ``input_per_mtok``."""
 
-    input_per_mtok: Decimal = Decimal(0)
-    output_per_mtok: Decimal = Decimal(0)
+    input_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    output_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    cached_input_per_mtok: Decimal | None = Field(None, ge=0)
 
-    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
-        """Exact cost of a request: tokens × price, never rounded."""
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / Decimal(1_000_000)
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:
+        """Exact cost of a request, as providers bill it: tokens × price, never rounded. ``cached_tokens`` are
+        part of ``input_tokens``."""
+        cached = min(max(cached_tokens, 0), input_tokens)
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((input_tokens - cached) * self.input_per_mtok + cached * cached_price
+                + output_tokens * self.output_per_mtok) / Decimal(1_000_000)
 
 
 class ModelConfig(_Frozen):
@@ -69,6 +75,8 @@ class ModelConfig(_Frozen):
     rate_limit_rpm: int | None = Field(None, gt=0)
     supports_n: bool = True
     max_retries: int = Field(3, ge=0, le=10)
+    # o-series and other reasoning models take max_completion_tokens instead of max_tokens.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 class Variant(_Frozen):
@@ -102,7 +110,18 @@ class TierConfig(_Frozen):
     system: str | None = None
     prompt: str | None = None
     max_tokens: int | None = Field(None, ge=1)
+    # None: the task type's. An explicit `temperature: null` in the file sends no temperature at all (models
+    # that accept only their default); it is kept as no_temperature so a stored snapshot says the same.
     temperature: float | None = Field(None, ge=0, le=2)
+    no_temperature: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit_null_temperature(cls, data: Any) -> Any:  # Any: the raw YAML mapping
+        if isinstance(data, dict) and "no_temperature" not in data and "temperature" in data \
+                and data["temperature"] is None:
+            return {**{k: v for k, v in data.items() if k != "temperature"}, "no_temperature": True}
+        return data
 
 
 class TaskType(_Frozen):
@@ -115,8 +134,12 @@ class TaskType(_Frozen):
     self_consistency: SelfConsistency = SelfConsistency()
     tiers: list[str | TierConfig] = Field(min_length=1)
     max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.7, ge=0, le=2)
+    # null: send no temperature (o-series and some other models accept only their default)
+    temperature: float | None = Field(0.7, ge=0, le=2)
     on_exhausted: Literal["fail", "accept_last"] = "fail"
+    # A request that can never succeed (bad key, unknown model, unsupported parameter): halt the batch until
+    # it is fixed and resumed (`cascade retry BATCH`), or escalate as a failed tier.
+    on_config_error: Literal["halt", "escalate"] = "halt"
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -142,7 +165,7 @@ class ResolvedTier(_Frozen):
     system: str
     prompt: str
     max_tokens: int
-    temperature: float
+    temperature: float | None  # None: none is sent
 
 
 class TaskSnapshot(_Frozen):
@@ -172,7 +195,8 @@ class TaskSnapshot(_Frozen):
             system=over.system if over.system is not None else task.system,
             prompt=over.prompt if over.prompt is not None else task.prompt,
             max_tokens=over.max_tokens or task.max_tokens,
-            temperature=over.temperature if over.temperature is not None else task.temperature,
+            temperature=None if over.no_temperature else (
+                over.temperature if over.temperature is not None else task.temperature),
         )
 
     def to_json(self) -> dict[str, Any]:

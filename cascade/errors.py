@@ -7,8 +7,11 @@
      ├─ ProviderError      a model request failed: model, url, status
      │   ├─ ProviderTimeout        the request timed out (connect or read)
      │   ├─ ProviderUnavailable    connection refused/reset, 5xx
-     │   ├─ ProviderRateLimited    429, with the server's retry_after
-     │   └─ ProviderBadResponse    HTTP 2xx/4xx whose body is not a usable completion
+     │   ├─ ProviderRateLimited    429 (or 503 naming a wait), with the longest retry_after the headers ask for
+     │   ├─ ProviderBadResponse    HTTP 2xx/4xx whose body is not a usable completion
+     │   ├─ ProviderConfigError    401/403/404, or a 400 naming an unknown model, parameter or bad key:
+     │   │                         no retry or bigger tier helps; provider_message, reason
+     │   └─ ProviderNUnsupported   a 400 refusing n > 1: ask again with one request per sample
      ├─ IllegalTransition  a job move that store.TRANSITIONS does not allow (a bug in the caller)
      ├─ IdempotencyConflict the same idempotency key came with other content
      └─ IdempotencyKeyTaken a concurrent submit took the idempotency key first (store.insert_batch)
@@ -29,7 +32,9 @@ __all__ = [
     "IllegalTransition",
     "InputError",
     "ProviderBadResponse",
+    "ProviderConfigError",
     "ProviderError",
+    "ProviderNUnsupported",
     "ProviderRateLimited",
     "ProviderTimeout",
     "ProviderUnavailable",
@@ -100,7 +105,8 @@ class ProviderUnavailable(ProviderError):
 
 
 class ProviderRateLimited(ProviderError):
-    """The server answered 429; ``retry_after`` is its Retry-After in seconds, if it sent one."""
+    """The server answered 429, or 503 with a wait; ``retry_after`` is the longest wait its headers ask for
+    (Retry-After, retry-after-ms, LiteLLM's llm_provider- copies, spent x-ratelimit resets), in seconds, or None."""
 
     kind = "rate_limited"
 
@@ -113,6 +119,29 @@ class ProviderBadResponse(ProviderError):
     """The server answered, but not with a usable chat completion (4xx, empty or non-JSON body)."""
 
     kind = "bad_response"
+
+
+class ProviderConfigError(ProviderError):
+    """A request that can never succeed as configured: a bad key (401/403), an unknown model or route (404), or a
+    400/422 naming an unknown model, an unsupported parameter or value, or an invalid key.
+
+    ``provider_message`` is the provider's own error message (the API key redacted); ``reason`` says which
+    fault: ``auth``, ``model``, ``parameter`` or ``not_found``.
+    """
+
+    kind = "config"
+
+    def __init__(self, message: str, *, provider_message: str = "", reason: str = "", **kw: object) -> None:
+        self.provider_message = provider_message
+        self.reason = reason
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class ProviderNUnsupported(ProviderError):
+    """The server refused ``n`` > 1 (LiteLLM's ``UnsupportedParamsError ... ['n']``, Groq): the samples must be
+    asked for as separate requests."""
+
+    kind = "n_unsupported"
 
 
 class IllegalTransition(CascadeError):

@@ -57,6 +57,11 @@ class RequestAction(enum.StrEnum):
     DEFER = "defer"
     #: stop trying: the request's samples count as missing (``model_error:<kind>``)
     GIVE_UP = "give_up"
+    #: the request can never succeed as configured (bad key, unknown model): stop the whole batch, escalate
+    #: nothing, until it is fixed and resumed
+    HALT = "halt"
+    #: the model answered fewer choices than ``n`` (or refused ``n``): ask for the missing samples one by one
+    SPLIT = "split"
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,13 @@ def after_request_error(
     max_retries: int,
     retry_after_s: float | None,
     max_inline_wait_s: float,
+    on_config_error: str = "halt",
 ) -> RequestStep:
     """Decide after a failed request of one sample group.
+
+    A configuration fault (kind ``config``: 401/403, 404, a 400 naming an unknown model or parameter) halts
+    the batch, or with ``on_config_error: escalate`` gives up like any exhausted request. A refused ``n``
+    (kind ``n_unsupported``) splits the request into one request per sample, at once.
 
     ``attempt`` (1-based) counts the group's failures of the same sort so far — 429s, or every
     other error — across deferrals too, so retries and backoff go on where they stopped.
@@ -104,10 +114,15 @@ def after_request_error(
     which the group gives up as ``model_error:rate_limited``, so a 429 storm ends instead of running forever.
     A long wait is deferred to Postgres so the worker slot is freed (CELERY-NOTES §1: no long countdowns).
     """
+    if kind == "config":
+        return RequestStep(RequestAction.HALT if on_config_error == "halt" else RequestAction.GIVE_UP)
+    if kind == "n_unsupported":
+        return RequestStep(RequestAction.SPLIT)
     if kind == "rate_limited" and attempt <= RATE_LIMIT_PATIENCE * max(1, max_retries):
         delay = retry_after_s if retry_after_s is not None else backoff(attempt)
         return RequestStep(RequestAction.RETRY if delay <= max_inline_wait_s else RequestAction.DEFER, delay)
     if not retryable or attempt > max_retries:
         return RequestStep(RequestAction.GIVE_UP)
-    delay = backoff(attempt)
+    # A server that says when to come back (a 503 with Retry-After) is asked then, not sooner.
+    delay = max(backoff(attempt), retry_after_s or 0.0)
     return RequestStep(RequestAction.RETRY if delay <= max_inline_wait_s else RequestAction.DEFER, delay)

@@ -6,20 +6,28 @@ answer, wrong sample and fault is reproducible and predictable through ``SimConf
 answers"): a ``model#variant`` recording holds that variant's own samples, indexed from 0 by
 ``X-Cascade-Variant-Sample`` (falling back to ``X-Cascade-Sample``), so one recording serves every
 mixture of variants whatever their order and sizes. Both serve ``/v1/chat/completions``, ``/health``, ``/v1/models`` and ``/stats``.
+
+Like real backends and gateways (PROVIDERS.md), a simulated model can ignore or refuse ``n``, report cached and
+reasoning tokens, refuse or filter samples, send its Retry-After in each form gateways use, and send a gateway's
+headers (request id, served model, cost). Every such option is off by default, and each draws from its own hash
+salt, so configs without them answer exactly as before. The sim never streams: ``stream: true`` gets a 400.
 """
 
 from __future__ import annotations
 
 import _thread
+import dataclasses
+import email.utils
 import hashlib
 import json
 import math
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,8 +42,10 @@ __all__ = [
     "Fault",
     "Outcome",
     "Recording",
+    "SeenRequest",
     "SimConfig",
     "SimModel",
+    "SimPrice",
     "SimServer",
     "expected_answer",
     "load_recordings",
@@ -48,6 +58,8 @@ _FAULTS: tuple[Fault, ...] = ("429", "500", "timeout", "drop", "empty_body", "no
                               "truncated", "huge")
 _INVALID_JSON = 'Sure! Here is the JSON: {"answer": '
 _HUGE_CHARS = 5 * 1024 * 1024
+_REFUSAL = "I'm sorry, but I can't help with that request."
+Blocked = Literal["refusal", "content_filter"]
 _P = Field(0.0, ge=0, le=1)
 _T = TypeVar("_T")
 
@@ -81,8 +93,42 @@ def _bucket(u: float, weights: Iterable[tuple[_T, float]]) -> _T | None:
     return None
 
 
+class SimPrice(BaseModel):
+    """USD per million tokens, for the cost a simulated gateway reports (``x-litellm-response-cost``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    output_per_mtok: Decimal = Field(Decimal(0), ge=0)
+    cached_input_per_mtok: Decimal | None = Field(None, ge=0)  # None: cached tokens cost input_per_mtok
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Decimal:
+        """The exact cost of one answer; ``cached_tokens`` are part of ``prompt_tokens``."""
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((prompt_tokens - cached_tokens) * self.input_per_mtok + cached_tokens * cached_price
+                + completion_tokens * self.output_per_mtok) / Decimal(1_000_000)
+
+
 class SimModel(BaseModel):
-    """How one simulated model behaves: answer quality per sample, latency and faults per request."""
+    """How one simulated model behaves: answer quality per sample, latency and faults per request.
+
+    Backend and gateway behaviours (all off by default):
+        n_support: ``full`` answers n choices; ``ignored`` answers exactly one (Ollama, LiteLLM with drop_params);
+            ``rejected`` answers n > 1 with LiteLLM's 400 ``UnsupportedParamsError ... ['n']``.
+        cached_prompt_fraction: this share of the prompt tokens (rounded down) is reported as
+            ``usage.prompt_tokens_details.cached_tokens``.
+        reasoning_tokens: hidden reasoning tokens per returned choice, counted in ``completion_tokens`` and
+            reported as ``usage.completion_tokens_details.reasoning_tokens``.
+        p_refusal, p_content_filter: per sample, a choice with ``content: null`` and a ``refusal`` text, or with
+            ``finish_reason: content_filter`` and empty content (``SimConfig.blocked`` predicts which).
+        retry_after_style: how a 429 says ``retry_after_s``: ``seconds`` (Retry-After: 7), ``http_date``
+            (Retry-After: an HTTP date at least that far ahead), ``ms`` (retry-after-ms), ``litellm``
+            (llm_provider-retry-after), ``openai_reset`` (x-ratelimit-*-requests spent, reset as ``6m0s``).
+        gateway_headers: send ``x-request-id``, ``x-litellm-call-id`` and ``x-litellm-model-name`` on answers.
+        served_model: the model the answer says answered (body ``model``, ``x-litellm-model-name``); None: the
+            requested one.
+        gateway_price: send ``x-litellm-response-cost``, the answer's cost at these prices.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -103,11 +149,22 @@ class SimModel(BaseModel):
     p_garbage: float = _P
     p_truncated: float = _P
     p_huge: float = _P
+    n_support: Literal["full", "ignored", "rejected"] = "full"
+    cached_prompt_fraction: float = _P
+    reasoning_tokens: int = Field(0, ge=0)
+    p_refusal: float = _P
+    p_content_filter: float = _P
+    retry_after_style: Literal["seconds", "http_date", "ms", "litellm", "openai_reset"] = "seconds"
+    gateway_headers: bool = False
+    served_model: str | None = None
+    gateway_price: SimPrice | None = None
 
     @model_validator(mode="after")
     def _check_sums(self) -> SimModel:
         if self.p_invalid_json + self.p_schema_violation + self.p_too_short > 1 + 1e-9:
             raise ValueError("p_invalid_json + p_schema_violation + p_too_short exceeds 1")
+        if self.p_refusal + self.p_content_filter > 1 + 1e-9:
+            raise ValueError("p_refusal + p_content_filter exceeds 1")
         if sum(self.fault_weights()) > 1 + 1e-9:
             raise ValueError("the fault probabilities (p_429 ... p_huge) add up to more than 1")
         return self
@@ -119,13 +176,21 @@ class SimModel(BaseModel):
 
 
 class SimConfig(BaseModel):
-    """The simulated models; a name not under ``models`` behaves like ``default``."""
+    """The simulated models; a name not under ``models`` behaves like ``default``.
+
+    ``unknown_models`` says whether a request for a name not under ``models`` is answered: ``404`` refuses it
+    as OpenAI does (``model_not_found``), ``default`` answers it as ``default``, and ``auto`` (the default) is
+    ``default`` for a config that lists no models or sets ``default`` itself, and ``404`` otherwise.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = 0
     default: SimModel = SimModel()
     models: dict[str, SimModel] = {}
+    unknown_models: Literal["auto", "404", "default"] = "auto"
+    #: when set, a request whose bearer key differs gets OpenAI's 401 invalid_api_key
+    api_key: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> SimConfig:
@@ -145,6 +210,24 @@ class SimConfig(BaseModel):
     def model(self, name: str) -> SimModel:
         """The behaviour of model ``name``."""
         return self.models.get(name, self.default)
+
+    def knows(self, name: str) -> bool:
+        """Whether a request for model ``name`` is answered (see ``unknown_models``), not refused with a 404."""
+        if name in self.models:
+            return True
+        mode = self.unknown_models
+        if mode == "auto":
+            mode = "default" if not self.models or "default" in self.model_fields_set else "404"
+        return mode == "default"
+
+    def blocked(self, model: str, key: str, sample: int) -> Blocked | None:
+        """Whether sample number ``sample`` is refused or filtered instead of answered (p_refusal, p_content_filter)."""
+        m = self.model(model)
+        if not (m.p_refusal or m.p_content_filter):
+            return None
+        u = _unit(self.seed, "blocked", model, key, sample)
+        weights: list[tuple[Blocked, float]] = [("refusal", m.p_refusal), ("content_filter", m.p_content_filter)]
+        return _bucket(u, weights)
 
     def outcome(self, model: str, key: str, sample: int) -> Outcome:
         """What sample number ``sample`` of ``model`` is for the request keyed ``key``."""
@@ -356,9 +439,11 @@ def load_recordings(path: str | Path) -> list[Recording]:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param  # with code: an OpenAI-style invalid_request_error body
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -371,6 +456,20 @@ class _Request:
     key: str
     prompt_tokens: int
     response_format: Mapping[str, Any] | None
+    bearer: str | None = None  # the Authorization header's key
+    params: frozenset[str] = frozenset()  # the body's top-level keys (temperature, max_tokens, ...)
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """One request as the sim received it (``SimServer.seen``), for tests that check what was sent and when."""
+
+    at: float  # time.monotonic() on arrival
+    model: str
+    first: int
+    n: int
+    params: frozenset[str]
+    status: int = 0  # filled in once answered
 
 
 @dataclass(frozen=True)
@@ -401,15 +500,21 @@ def _parse(raw: bytes, headers: Message[str, str]) -> _Request:
         variant_first = int(headers.get("X-Cascade-Variant-Sample") or first)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _HttpError(400, f"not a chat completion request: {exc!r}") from None
+    if body.get("stream"):
+        raise _HttpError(400, "stream: true is not supported: cascade sim answers whole completions only "
+                              "(send \"stream\": false or leave it out)", param="stream", code="unsupported_value")
     model = headers.get("X-Cascade-Model") or body.get("model")
     users = [text for role, text in texts if role == "user"]
     if not model or not users or n < 1 or first < 0 or variant_first < 0:
         raise _HttpError(400, "a request needs a model, a user message, n >= 1 and X-Cascade-Sample >= 0")
     rf = body.get("response_format")
+    auth = headers.get("Authorization") or ""
     return _Request(model=str(model), variant=headers.get("X-Cascade-Variant") or None, first=first,
                     variant_first=variant_first, n=n,
                     key=users[-1], prompt_tokens=1 + sum(len(t) for _, t in texts) // 4,
-                    response_format=rf if isinstance(rf, dict) else None)
+                    response_format=rf if isinstance(rf, dict) else None,
+                    bearer=auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None,
+                    params=frozenset(body))
 
 
 def _json(status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:  # Any: a JSON value
@@ -420,17 +525,95 @@ def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ())
     return _json(status, {"error": {"message": message, "type": "cascade_sim", "code": status}}, headers)
 
 
-def _completion(req: _Request, contents: list[str], finish: str, completion_tokens: int | None = None,
+def _request_error(status: int, message: str, param: str | None, code: str | None) -> _Reply:
+    """An error body shaped as OpenAI's: the shape client libraries and cascade's providers read."""
+    return _json(status, {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                    "code": code}})
+
+
+def _http_error(exc: _HttpError) -> _Reply:
+    return _request_error(exc.status, str(exc), exc.param, exc.code) if exc.code else _error(exc.status, str(exc))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a 200 says besides its contents: per-choice finish reasons and refusals, usage and headers."""
+
+    finish: tuple[str, ...]
+    refusals: tuple[str | None, ...] = ()
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0  # per choice
+    model: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    price: SimPrice | None = None  # set: send x-litellm-response-cost for the usage reported
+
+
+def _choices(contents: list[str | None], answer: _Answer) -> list[dict[str, Any]]:  # Any: JSON objects
+    choices: list[dict[str, Any]] = []  # Any: JSON objects
+    for i, content in enumerate(contents):
+        message: dict[str, Any] = {"role": "assistant", "content": content}  # Any: a JSON object
+        if i < len(answer.refusals) and answer.refusals[i] is not None:
+            message["refusal"] = answer.refusals[i]
+        choices.append({"index": i, "message": message, "finish_reason": answer.finish[i]})
+    return choices
+
+
+def _completion(req: _Request, contents: list[str | None], answer: _Answer, completion_tokens: int | None = None,
                 prompt_tokens: int | None = None) -> _Reply:
     prompt = req.prompt_tokens if prompt_tokens is None else prompt_tokens
-    done = sum(1 + len(c) // 4 for c in contents) if completion_tokens is None else completion_tokens
+    texts = [c if c is not None else r or "" for c, r in zip(contents, answer.refusals or [None] * len(contents),
+                                                              strict=True)]
+    done = sum(1 + len(c) // 4 for c in texts) if completion_tokens is None else completion_tokens
+    done += answer.reasoning_tokens * len(contents)
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    if answer.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": answer.cached_tokens}
+    if answer.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": answer.reasoning_tokens * len(contents)}
+    headers = answer.headers
+    if answer.price is not None:
+        cost = answer.price.cost(prompt, done, answer.cached_tokens)
+        headers += (("x-litellm-response-cost", format(cost, "f")),)
     return _json(200, {
         "id": "chatcmpl-" + _hex8(req.model, req.key, req.first, time.monotonic_ns()),
-        "object": "chat.completion", "created": int(time.time()), "model": req.model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": finish}
-                    for i, c in enumerate(contents)],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done},
-    })
+        "object": "chat.completion", "created": int(time.time()), "model": answer.model or req.model,
+        "choices": _choices(contents, answer), "usage": usage,
+    }, headers)
+
+
+def _go_duration(seconds: float) -> str:
+    """A duration the way OpenAI's x-ratelimit-reset-* headers write it: ``20ms``, ``7s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    minutes, secs = divmod(seconds, 60)
+    hours, mins = divmod(int(minutes), 60)
+    return (f"{hours}h" if hours else "") + (f"{mins}m" if hours or mins else "") + f"{secs:g}s"
+
+
+def _retry_headers(m: SimModel, now: float) -> tuple[tuple[str, str], ...]:
+    """How a 429 says to wait ``retry_after_s``, in the model's ``retry_after_style``."""
+    wait = m.retry_after_s
+    if wait is None:
+        return ()
+    if m.retry_after_style == "http_date":  # whole seconds: the date is at least ``wait`` ahead
+        return (("Retry-After", email.utils.formatdate(math.ceil(now + wait), usegmt=True)),)
+    if m.retry_after_style == "ms":
+        return (("retry-after-ms", f"{wait * 1000:g}"),)
+    if m.retry_after_style == "litellm":
+        return (("llm_provider-retry-after", f"{wait:g}"),)
+    if m.retry_after_style == "openai_reset":  # the request limit is spent; the token limit has room
+        return (("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", _go_duration(wait)), ("x-ratelimit-limit-tokens", "150000"),
+                ("x-ratelimit-remaining-tokens", "149000"), ("x-ratelimit-reset-tokens", "6ms"))
+    return (("Retry-After", f"{wait:g}"),)
+
+
+def _n_rejected(name: str) -> _Reply:
+    """LiteLLM's answer when the upstream provider takes no ``n`` and drop_params is off."""
+    return _json(400, {"error": {
+        "message": f"litellm.UnsupportedParamsError: anthropic does not support parameters: ['n'], for model={name}. "
+                   "To drop these, set `litellm.drop_params=True` or for proxy:\n\n`litellm_settings:\n"
+                   " drop_params: true`\n", "type": "None", "param": "None", "code": "400"}})
 
 
 class _Sim:
@@ -449,6 +632,7 @@ class _Sim:
             self._by_model: Counter[str] = Counter()
             self._in_flight = getattr(self, "_in_flight", 0)
             self._peak = self._in_flight
+            self.seen: deque[SeenRequest] = deque(maxlen=100_000)
 
     def stats(self) -> dict[str, Any]:  # Any: a JSON object
         with self._lock:
@@ -456,7 +640,14 @@ class _Sim:
                     "in_flight": self._in_flight, "max_in_flight": self._peak}
 
     def answer(self, req: _Request) -> _Reply:
-        """Count the request, wait its latency, then simulate or replay; in flight until it returns."""
+        """Log and count the request, wait its latency, then simulate or replay; in flight until it returns."""
+        seen = SeenRequest(time.monotonic(), req.model, req.first, req.n, req.params)
+        reply = self._answer(req)
+        with self._lock:
+            self.seen.append(dataclasses.replace(seen, status=reply.status))
+        return reply
+
+    def _answer(self, req: _Request) -> _Reply:
         with self._lock:
             attempt = self._attempts[(req.model, req.key, req.first, req.n)]
             self._attempts[(req.model, req.key, req.first, req.n)] += 1
@@ -464,18 +655,37 @@ class _Sim:
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
         try:
+            refused = self._refuse(req)
+            if refused is not None:  # a gateway refuses these before any model runs: no latency
+                return refused
             self.stopping.wait(self.config.latency_s(req.model, req.key, req.first, attempt))
             return self._replay(req) if self.recordings is not None else self._simulate(req, attempt)
         finally:
             with self._lock:
                 self._in_flight -= 1
 
+    def _refuse(self, req: _Request) -> _Reply | None:
+        """The 404 for a model the sim does not serve, or the 400 of a model that rejects ``n`` > 1."""
+        if self.recordings is not None:
+            return None  # a replay answers 404 per recording, naming what was recorded
+        cfg = self.config
+        if cfg.api_key is not None and req.bearer != cfg.api_key:
+            return _request_error(401, "Incorrect API key provided. You can find your API key at "
+                                       "https://platform.openai.com/account/api-keys.", None, "invalid_api_key")
+        if not cfg.knows(req.model):
+            served = ", ".join(sorted(cfg.models))
+            return _request_error(404, f"The model `{req.model}` does not exist in this cascade sim (it serves: "
+                                       f"{served}; set unknown_models: default to answer any name as `default`)",
+                                  "model", "model_not_found")
+        if req.n > 1 and cfg.model(req.model).n_support == "rejected":
+            return _n_rejected(req.model)
+        return None
+
     def _simulate(self, req: _Request, attempt: int) -> _Reply:
         cfg, m = self.config, self.config.model(req.model)
         fault = cfg.fault(req.model, req.key, req.first, attempt)
         if fault == "429":
-            retry = () if m.retry_after_s is None else (("Retry-After", f"{m.retry_after_s:g}"),)
-            return _error(429, "rate limited (simulated)", retry)
+            return _error(429, "rate limited (simulated)", _retry_headers(m, time.time()))
         if fault == "500":
             return _error((500, 502, 503)[int(_unit(cfg.seed, "status", req.model, req.key, attempt) * 3)],
                           "server error (simulated)")
@@ -483,15 +693,34 @@ class _Sim:
             return _STATIC_REPLIES[fault]
         if fault == "timeout":
             self.stopping.wait(m.hang_s)
-        contents = [cfg.content(req.model, req.key, req.first + i, req.response_format) for i in range(req.n)]
+        n = 1 if m.n_support == "ignored" else req.n
+        contents = [cfg.content(req.model, req.key, req.first + i, req.response_format) for i in range(n)]
         if fault == "garbage":
             contents = ["".join(_digest(cfg.seed, "garbage", req.key, i, j).hex() + " ~#%" for j in range(3))
-                        for i in range(req.n)]
+                        for i in range(n)]
         elif fault == "huge":
             contents = ["x" * _HUGE_CHARS for _ in contents]
         elif fault == "truncated":
-            return _completion(req, [c[: len(c) // 2] for c in contents], "length")
-        return _completion(req, contents, "stop")
+            return _completion(req, [c[: len(c) // 2] for c in contents], self._extras(req, m, ("length",) * n))
+        blocked = [cfg.blocked(req.model, req.key, req.first + i) for i in range(n)]
+        answer = self._extras(req, m, tuple("content_filter" if b == "content_filter" else "stop" for b in blocked),
+                              tuple(_REFUSAL if b == "refusal" else None for b in blocked))
+        return _completion(req, [None if b == "refusal" else "" if b else c for b, c in zip(blocked, contents,
+                                                                                          strict=True)], answer)
+
+    def _extras(self, req: _Request, m: SimModel, finish: tuple[str, ...],
+                refusals: tuple[str | None, ...] = ()) -> _Answer:
+        """The usage details and gateway headers ``m`` adds to an answer."""
+        cached = int(req.prompt_tokens * m.cached_prompt_fraction)
+        served = m.served_model or req.model
+        headers: list[tuple[str, str]] = []
+        if m.gateway_headers:
+            call = _digest(req.model, req.key, req.first, time.monotonic_ns()).hex()
+            call_id = f"{call[:8]}-{call[8:12]}-{call[12:16]}-{call[16:20]}-{call[20:32]}"
+            headers += [("x-request-id", "req_" + call[:24]), ("x-litellm-call-id", call_id),
+                        ("x-litellm-model-name", served)]
+        return _Answer(finish=finish, refusals=refusals, cached_tokens=cached, reasoning_tokens=m.reasoning_tokens,
+                       model=served, headers=tuple(headers), price=m.gateway_price)
 
     def _replay(self, req: _Request) -> _Reply:
         rec = self._match(req.key)
@@ -505,8 +734,8 @@ class _Sim:
         if not samples:
             raise _HttpError(404, f"recording {rec.id!r} has {len(resp.samples)} samples for {model_key!r}; "
                                   f"sample {first} was asked for")
-        return _completion(req, [s.content for s in samples], "stop", prompt_tokens=resp.prompt_tokens,
-                           completion_tokens=sum(s.completion_tokens for s in samples))
+        return _completion(req, [s.content for s in samples], _Answer(finish=("stop",) * len(samples)),
+                           prompt_tokens=resp.prompt_tokens, completion_tokens=sum(s.completion_tokens for s in samples))
 
     def _match(self, message: str) -> Recording:
         assert self.recordings is not None
@@ -569,7 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return self.server.sim.answer(_parse(raw, self.headers))
         except _HttpError as exc:
-            return _error(exc.status, str(exc))
+            return _http_error(exc)
 
     def _models(self) -> list[dict[str, Any]]:  # Any: JSON objects
         sim = self.server.sim
@@ -605,6 +834,15 @@ class SimServer:
         self._sim = _Sim(self.config, recordings)
         self._httpd = _Server((host, port), self._sim)
         self._thread: threading.Thread | None = None
+
+    def seen(self) -> list[SeenRequest]:
+        """The requests received so far (the last 100,000), oldest first."""
+        with self._sim._lock:
+            return list(self._sim.seen)
+
+    def reconfigure(self, config: SimConfig) -> None:
+        """Serve ``config`` from the next request on (a fixed key, a model added), on the same port."""
+        self.config = self._sim.config = config
 
     @property
     def url(self) -> str:

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -281,11 +281,14 @@ def vote(
     length: Length,
     fields: Sequence[str] | None = None,
     truncated: Collection[int] = (),
+    refused: Mapping[int, tuple[str, str]] | None = None,
 ) -> Verdict:
     """Check k samples and vote on their canonical answers.
 
     A sample in ``truncated`` (the model stopped at max_tokens) that passes every other check is
-    ``too_long`` all the same: a cut text can look complete.
+    ``too_long`` all the same: a cut text can look complete. A sample in ``refused`` (index → (code,
+    detail): ``refused`` with the model's refusal text, or ``content_filter``) is a failed sample with that
+    reason, never a vote.
 
     k is ``samples``: texts beyond k are ignored and missing ones count as invalid. Invalid samples
     do not vote but count in k. The majority answer (ties: the one whose first vote came earliest)
@@ -307,6 +310,9 @@ def vote(
     valid: list[Any] = []  # Any: parsed answers
     invalid: list[Reason] = []
     for index, text in enumerate(padded):
+        if refused and index in refused:
+            invalid.append(Reason(*refused[index]))
+            continue
         value, problems = check_sample(text, output=output, schema=schema, length=length)
         if not problems and index in truncated:
             problems = [Reason("too_long", "cut off at max_tokens (finish_reason length)")]

@@ -22,7 +22,7 @@ from cascade.policy import RequestAction, RequestStep, after_request_error, is_r
 from cascade.ratelimit import UNLIMITED, Reservation
 from cascade.stages.context import StageContext, request_threads
 from cascade.stages.ledger import Writes, claim_due, holding
-from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send
+from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
 from cascade.validate import Verdict, model_error
 
@@ -54,6 +54,17 @@ class _Sent:
     error_detail: str = ""
     #: an unexpected error (a database blip while recording a retry): the job is sent again from Postgres
     crashed: bool = False
+    #: a configuration fault (bad key, unknown model) halts the batch: the provider's message
+    halted: str | None = None
+
+    def merge(self, other: _Sent) -> None:
+        """Take in what a one-sample request split from this one left."""
+        self.rows += other.rows
+        self.defer_s = max(self.defer_s, other.defer_s)
+        self.crashed = self.crashed or other.crashed
+        self.halted = self.halted or other.halted
+        if other.error_kind and not self.error_kind:
+            self.error_kind, self.error_detail = other.error_kind, other.error_detail
 
 
 @dataclass
@@ -123,7 +134,7 @@ def _plan(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
     if unusable is not None:
         writes.verdict(snap, claim, unusable)
         return None
-    requests = plan_requests(tier, claim.input, set(past.answered))
+    requests = plan_requests(tier, claim.input, set(past.answered), one_by_one=tier.model.name in ctx.n_ignored)
     slots = _reserve(ctx, tier, len(requests), hold=f"{claim.job_id}:{claim.tier}")
     if not slots.granted:
         # No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
@@ -202,22 +213,51 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
         except ProviderError as exc:
             sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
             sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
-            step = _after_failure(ctx, job.tier, pending, exc)
-            if step.action is RequestAction.GIVE_UP:
-                return
-            if step.action is RequestAction.DEFER or not _wait_to_retry(ctx, job.tier, step, sent):
-                sent.defer_s = sent.defer_s or step.delay_s
-                return
-            attempt_id = _start_attempt(ctx, job, pending.request)
-            continue
+            step = _after_failure(ctx, job, pending, exc)
+            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, job.tier, step, sent):
+                attempt_id = _start_attempt(ctx, job, pending.request)
+                continue
+            _stop(ctx, job, pending, sent, step, exc)
+            return
         sent.rows.append(answer_row(attempt_id, job.snap, job.tier, pending.request, done))
         sent.answered = True
+        if done.missing:
+            ctx.ignores_n(job.tier.model.name, f"answered {done.choices_returned} of {pending.request.n} choices")
+            first = pending.request.sample + done.choices_returned
+            _send_split(ctx, job, pending.request, range(first, pending.request.sample + pending.request.n), sent)
         return
     sent.error_kind, sent.error_detail = "taken_over", "the job was handed to another worker"
 
 
-def _after_failure(ctx: StageContext, tier: ResolvedTier, pending: _Pending, exc: ProviderError) -> RequestStep:
+def _stop(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent, step: RequestStep,
+          exc: ProviderError) -> None:
+    """Carry out a step that ends the request here: split it, halt the batch, defer or give up."""
+    if step.action is RequestAction.SPLIT:
+        ctx.ignores_n(job.tier.model.name, "refused n")
+        sent.error_kind, sent.error_detail = None, ""
+        request = pending.request
+        _send_split(ctx, job, request, range(request.sample, request.sample + request.n), sent)
+    elif step.action is RequestAction.HALT:
+        sent.halted = store.pg_text(f"tier {job.claim.tier}: {exc}")
+    elif step.action is RequestAction.DEFER or (step.action is RequestAction.RETRY and sent.defer_s):
+        sent.defer_s = sent.defer_s or step.delay_s
+
+
+def _send_split(ctx: StageContext, job: _CallJob, request: Request, samples: range, sent: _Sent) -> None:
+    """Ask for ``samples`` one request each, all at once (the model ignored or refused ``n``)."""
+    def one(part: Request) -> _Sent:
+        out = _Sent()
+        _send_with_retries(ctx, job, _Pending(part, None), out)
+        return out
+
+    parts = split(request, samples)
+    for out in (map(one, parts) if len(parts) <= 1 else request_threads().map(one, parts)):
+        sent.merge(out)
+
+
+def _after_failure(ctx: StageContext, job: _CallJob, pending: _Pending, exc: ProviderError) -> RequestStep:
     """Count the failure and ask the policy what comes next (no I/O)."""
+    tier = job.tier
     limited = exc.kind == "rate_limited"
     if limited:
         pending.limited += 1
@@ -227,7 +267,7 @@ def _after_failure(ctx: StageContext, tier: ResolvedTier, pending: _Pending, exc
         exc.kind, retryable=is_retryable(exc.kind, exc.status),
         attempt=pending.limited if limited else pending.failed, max_retries=tier.model.max_retries,
         retry_after_s=exc.retry_after if isinstance(exc, ProviderRateLimited) else None,
-        max_inline_wait_s=ctx.settings.max_inline_wait_s)
+        max_inline_wait_s=ctx.settings.max_inline_wait_s, on_config_error=job.snap.task_type.on_config_error)
 
 
 def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, step: RequestStep, sent: _Sent) -> bool:
@@ -258,7 +298,11 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
     writes = Writes()
     with ctx.engine.begin() as conn:
         store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows])
-        gave_up = [job for job in jobs if job.gave_up() and not job.deferred_s() and not _crashed(job)]
+        for job in jobs:
+            if (reason := _halted(job)) is not None:
+                store.halt_batch(conn, job.claim.batch_id, reason)
+        gave_up = [job for job in jobs
+                   if job.gave_up() and not job.deferred_s() and not _crashed(job) and _halted(job) is None]
         answered = store.answers_many(conn, [job.claim.job_id for job in gave_up], jobs[0].claim.tier) \
             if gave_up else {}
         for job in jobs:
@@ -272,11 +316,18 @@ def _crashed(job: _CallJob) -> bool:
     return any(s.crashed for s in job.sent)
 
 
+def _halted(job: _CallJob) -> str | None:
+    return next((s.halted for s in job.sent if s.halted), None)
+
+
 def _end(writes: Writes, job: _CallJob, answered: store.Answers | None) -> None:
-    """Where one job goes after its requests: sent again (a request crashed), deferred, the policy's verdict
-    (every request gave up and no answer counts), or validation."""
+    """Where one job goes after its requests: back to Postgres (its batch halted on a configuration fault),
+    sent again (a request crashed), deferred, the policy's verdict (every request gave up and no answer
+    counts), or validation."""
     claim = job.claim
-    if _crashed(job):
+    if _halted(job) is not None:  # it waits in Postgres, unpublished, until the batch is resumed
+        writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, error=_halted(job))
+    elif _crashed(job):
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, then=(claim.job_id, claim.tier, Stage.CALL))
     elif job.deferred_s():
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=job.deferred_s(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from cascade.publish import Publisher
 from cascade.ratelimit import RateLimiter, RedisRateLimiter
 
 __all__ = ["StageContext", "request_threads"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +41,16 @@ class StageContext:
     rate_limiter: RateLimiter | None = None
     worker_id: str | None = None
     held: HeldClaims = field(default_factory=HeldClaims)
+    #: models seen ignoring or refusing ``n`` in this process: their samples go out one request each
+    n_ignored: set[str] = field(default_factory=set)
     _snapshots: OrderedDict[str, TaskSnapshot] = field(default_factory=OrderedDict)
+
+    def ignores_n(self, model: str, how: str) -> None:
+        """Remember that ``model`` does not honour ``n`` (logged once per process, naming the model)."""
+        if model not in self.n_ignored:
+            self.n_ignored.add(model)
+            log.warning("model %r %s: its samples are sent as separate requests from now on (set supports_n: "
+                        "false to say so up front)", model, how)
 
     def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]]) -> TaskSnapshot:  # Any: JSON
         """The batch's task snapshot; immutable once submitted, so it is cached per process."""

@@ -8,6 +8,7 @@ else as k one-sample requests: ``plan_requests``. ``send`` makes one request; ``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -18,7 +19,8 @@ from cascade.errors import ProviderError
 from cascade.providers import Completion, Message
 from cascade.stages.context import StageContext
 
-__all__ = ["MAX_STORED_CHARS", "Request", "answer_row", "failed_row", "plan_requests", "send", "stored_cap"]
+__all__ = ["MAX_STORED_CHARS", "Request", "answer_row", "failed_row", "plan_requests", "send", "split",
+           "stored_cap"]
 
 #: Longest stored content of one sample. A longer answer is cut to ``min(this, max_chars + 1)`` chars
 #: and always fails as ``too_long`` (the validator never allows more than this minus one).
@@ -37,9 +39,11 @@ class Request:
     variant_sample: int = 0
 
 
-def plan_requests(tier: ResolvedTier, row: dict[str, Any], answered: set[int]) -> list[Request]:  # Any: a row
+def plan_requests(tier: ResolvedTier, row: dict[str, Any], answered: set[int], *,  # Any: a row
+                  one_by_one: bool = False) -> list[Request]:
     """The requests a tier needs: one ``n=k`` request per prompt (variant) when the model supports
-    ``n``, else one request per sample; samples already answered (before a crash) are skipped."""
+    ``n``, else (or with ``one_by_one``: the model was seen ignoring ``n``) one request per sample; samples
+    already answered (before a crash) are skipped."""
     prompts: list[tuple[str | None, str, str, int]] = [
         (v.name, v.system or tier.system, v.prompt, v.samples) for v in tier.variants or []]
     if not prompts:
@@ -51,7 +55,7 @@ def plan_requests(tier: ResolvedTier, row: dict[str, Any], answered: set[int]) -
         if system:
             messages.append({"role": "system", "content": render(system, row)})
         messages.append({"role": "user", "content": render(prompt, row)})
-        size = samples if tier.model.supports_n else 1
+        size = samples if tier.model.supports_n and not one_by_one else 1
         for start in range(first, first + samples, size):
             if not answered.issuperset(range(start, start + size)):
                 requests.append(Request(start, size, variant, messages, start - first))
@@ -75,7 +79,14 @@ def send(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, request: Req
         headers["X-Cascade-Variant-Sample"] = str(request.variant_sample)
     provider = ctx.providers.get(tier.model)
     return provider.complete(request.messages, n=request.n, max_tokens=tier.max_tokens,
-                             temperature=tier.temperature, response_format=response_format(snap), headers=headers)
+                             temperature=tier.temperature, response_format=response_format(snap), headers=headers,
+                             max_tokens_param=tier.model.max_tokens_param)
+
+
+def split(request: Request, samples: Sequence[int]) -> list[Request]:
+    """One-sample requests for ``samples`` of ``request`` (a backend that ignores or refuses ``n``)."""
+    return [Request(s, 1, request.variant, request.messages, request.variant_sample + s - request.sample)
+            for s in samples]
 
 
 def stored_cap(snap: TaskSnapshot) -> int:
@@ -92,15 +103,26 @@ def failed_row(attempt_id: int, exc: ProviderError, latency_ms: int) -> dict[str
 def answer_row(attempt_id: int, snap: TaskSnapshot, tier: ResolvedTier, request: Request,
                done: Completion) -> dict[str, Any]:  # Any: parameters
     """The answered request's row. Contents longer than the cap are cut (they fail as too_long); samples the
-    model stopped at max_tokens are listed in ``truncated`` (they fail as too_long too)."""
+    model stopped at max_tokens are listed in ``truncated`` (they fail as too_long too); samples it refused or
+    its provider filtered are listed in ``refusals`` with why (they never vote). Priced as the provider bills:
+    cached prompt tokens at the model's cached price."""
     cap = stored_cap(snap)
-    contents = [store.pg_text(c[:cap]) if c is not None else None for c in done.contents[: request.n]]
+    returned = done.contents[: request.n]
+    blocked = {request.sample + c.index: c for c in done.choices[: request.n] if c.blocked}
+    contents = [None if request.sample + i in blocked or c is None else store.pg_text(c[:cap])
+                for i, c in enumerate(returned)]
     cut = [f"sample {request.sample + i}: {len(c)} chars, stored {cap}"
-           for i, c in enumerate(done.contents[: request.n]) if c is not None and len(c) > cap]
+           for i, c in enumerate(returned) if c is not None and len(c) > cap]
     truncated = [request.sample + i for i, r in enumerate(done.finish_reasons[: request.n]) if r == "length"]
+    refusals = {str(i): {"code": c.blocked, "detail": store.pg_text((c.refusal or "")[:500])}
+                for i, c in blocked.items()}
     return {
         "id": attempt_id, "latency_ms": done.latency_ms, "input_tokens": done.input_tokens,
-        "output_tokens": done.output_tokens, "cost_usd": tier.model.price.cost(done.input_tokens, done.output_tokens),
+        "output_tokens": done.output_tokens,
+        "cost_usd": tier.model.price.cost(done.input_tokens, done.output_tokens, done.cached_tokens),
         "error": None, "detail": "; ".join(cut)[:500] or None, "response": json.dumps(contents),
         "truncated": json.dumps(truncated) if truncated else None,
+        "refusals": json.dumps(refusals) if refusals else None, "choices": done.choices_returned,
+        "cached_tokens": done.cached_tokens, "reasoning_tokens": done.reasoning_tokens,
+        "request_id": done.request_id, "served_model": done.served_model, "gateway_cost_usd": done.gateway_cost_usd,
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from cascade import store
 from cascade.config import Length, TaskSnapshot
@@ -31,20 +31,22 @@ def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
         answers = store.answers_many(conn, [claim.job_id for claim, _ in claimed], tier)
         for claim, snap in claimed:
             got = answers[claim.job_id]
-            writes.verdict(snap, claim, judge(snap, tier, got.contents, got.truncated))
+            writes.verdict(snap, claim, judge(snap, tier, got.contents, got.truncated, got.refused))
         moved, due = writes.write(conn)
     ctx.publisher.publish(due)
     return moved
 
 
-def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None],
-          truncated: Collection[int] = ()) -> Verdict:
+def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None], truncated: Collection[int] = (),
+          refused: Mapping[int, tuple[str, str]] | None = None) -> Verdict:
     """The validator's verdict on a tier's answers (sample index → content; ``truncated``: samples cut at
-    max_tokens). What follows from it, ``on_exhausted`` included, is the policy's (``Writes.verdict``)."""
+    max_tokens; ``refused``: samples refused or filtered, with why). What follows from it, ``on_exhausted``
+    included, is the policy's (``Writes.verdict``)."""
     task, resolved = snap.task_type, snap.tier(tier)
     texts = [answers.get(i) for i in range(resolved.samples)]
     return vote(texts, samples=resolved.samples, min_agreement=resolved.min_agreement, output=task.output,
-                schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields, truncated=truncated)
+                schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields, truncated=truncated,
+                refused=refused)
 
 
 def _length(snap: TaskSnapshot) -> Length:

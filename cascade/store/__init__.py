@@ -37,10 +37,13 @@ from cascade.store.batches import (
     count_jobs,
     count_jobs_by_tier,
     finish_batch,
+    halt_batch,
+    halt_reason,
     insert_batch,
     job_results,
     max_tiers,
     queued_calls,
+    resume_batch,
 )
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
@@ -83,6 +86,8 @@ __all__ = [
     "escalation_stats",
     "finish_batch",
     "forget_workers",
+    "halt_batch",
+    "halt_reason",
     "insert_batch",
     "job_results",
     "make_engine",
@@ -98,6 +103,7 @@ __all__ = [
     "release",
     "release_sweep_lock",
     "renew_leases",
+    "resume_batch",
     "stamp_deferred_due",
     "stamp_stalled",
     "start_attempts",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -120,15 +120,24 @@ UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, 
                       error = CASE WHEN a.error = 'in_flight' THEN e.error ELSE a.error END,
                       detail = CASE WHEN a.error = 'in_flight' THEN e.detail
                                     ELSE 'came back after the job was taken over: ' || coalesce(e.error, 'answer') END,
-                      response = CAST(e.response AS jsonb), truncated = CAST(e.truncated AS jsonb)
+                      response = CAST(e.response AS jsonb), truncated = CAST(e.truncated AS jsonb),
+                      cached_tokens = coalesce(e.cached_tokens, 0), reasoning_tokens = coalesce(e.reasoning_tokens, 0),
+                      choices = e.choices, refusals = CAST(e.refusals AS jsonb), request_id = e.request_id,
+                      served_model = e.served_model, gateway_cost_usd = e.gateway_cost_usd
 FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
             CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
-            CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]))
-     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated)
+            CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]),
+            CAST(:cached_tokens AS int[]), CAST(:reasoning_tokens AS int[]), CAST(:choices AS int[]),
+            CAST(:refusals AS text[]), CAST(:request_id AS text[]), CAST(:served_model AS text[]),
+            CAST(:gateway_cost_usd AS numeric[]))
+     AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated, cached_tokens,
+          reasoning_tokens, choices, refusals, request_id, served_model, gateway_cost_usd)
 WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
 RETURNING a.job_id, a.error = 'interrupted' AS late
 """)
-_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated")
+_END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated",
+               "cached_tokens", "reasoning_tokens", "choices", "refusals", "request_id", "served_model",
+               "gateway_cost_usd")
 # A late answer's cost joins its job's total at once (a job that already finished is not moved again).
 _RECOST = text("""
 UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id)
@@ -138,7 +147,9 @@ WHERE id = ANY(:ids)
 
 def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
-    response and truncated as JSON text or None; truncated may be left out) in one statement. A request
+    response, truncated and refusals as JSON text or None; and what the provider told: cached_tokens,
+    reasoning_tokens, choices, request_id, served_model, gateway_cost_usd; any but the first eight may be left
+    out) in one statement. A request
     whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job."""
     if rows:
         params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
@@ -149,25 +160,31 @@ def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: 
 
 
 _ANSWERS = text("""
-SELECT job_id, sample, response, truncated FROM attempts WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
+SELECT job_id, sample, response, truncated, refusals FROM attempts
+WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
 """)
 
 
 @dataclass
 class Answers:
-    """A job's counted answers at one tier: sample index → content, and the samples cut off at max_tokens."""
+    """A job's counted answers at one tier: sample index → content, the samples cut off at max_tokens, and
+    the samples the model refused or its provider filtered (sample → (code, detail)): never votes."""
 
     contents: dict[int, str | None]
     truncated: set[int]
+    refused: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, Answers]:
     """Per job: the answers of the requests that count."""
     out = {i: Answers({}, set()) for i in job_ids}
-    for job_id, sample, response, truncated in conn.execute(_ANSWERS, {"ids": list(job_ids), "tier": tier}):
+    for job_id, sample, response, truncated, refusals in conn.execute(_ANSWERS, {"ids": list(job_ids),
+                                                                                  "tier": tier}):
         for i, content in enumerate(response or []):
             out[job_id].contents[sample + i] = content
         out[job_id].truncated.update(truncated or [])
+        for index, why in (refusals or {}).items():
+            out[job_id].refused[int(index)] = (why["code"], why.get("detail", ""))
     return out
 
 

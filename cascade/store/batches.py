@@ -18,6 +18,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
 from cascade.errors import DuplicateKey, IdempotencyKeyTaken
+from cascade.store.jobs import Stage
 
 __all__ = [
     "JobResult",
@@ -30,10 +31,13 @@ __all__ = [
     "count_jobs",
     "count_jobs_by_tier",
     "finish_batch",
+    "halt_batch",
+    "halt_reason",
     "insert_batch",
     "job_results",
     "max_tiers",
     "queued_calls",
+    "resume_batch",
 ]
 
 
@@ -137,6 +141,39 @@ def queued_calls(conn: Connection, batch_id: str, chunk: int) -> Iterator[list[i
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(_QUEUED_CALLS, {"b": batch_id})
     for part in result.partitions(chunk):
         yield [job_id for (job_id,) in part]
+
+
+# --- halting on a configuration fault -----------------------------------------------------------
+
+_HALT = text("""
+UPDATE batches SET halted_at = now(), halt_reason = :reason WHERE id = :b AND halted_at IS NULL
+""")
+_RESUME = text("UPDATE batches SET halted_at = NULL, halt_reason = NULL WHERE id = :b RETURNING id")
+_REPUBLISH = text("""
+UPDATE jobs SET published_at = now(), not_before = NULL
+WHERE batch_id = :b AND status = 'queued'
+RETURNING id, tier, stage
+""")
+
+
+def halt_batch(conn: Connection, batch_id: str, reason: str) -> None:
+    """Stop the batch: no job of it is claimed (its messages become no-ops) or re-published until
+    ``resume_batch``. The first reason stays."""
+    conn.execute(_HALT, {"b": batch_id, "reason": reason[:2000]})
+
+
+def halt_reason(conn: Connection, batch_id: str) -> str | None:
+    """Why the batch is halted, or None when it runs."""
+    row = conn.execute(text("SELECT halted_at, halt_reason FROM batches WHERE id = :b"), {"b": batch_id}).first()
+    return None if row is None or row.halted_at is None else str(row.halt_reason or "halted")
+
+
+def resume_batch(conn: Connection, batch_id: str) -> list[tuple[int, int, Stage]] | None:
+    """Clear the halt and stamp every queued job of the batch as published now; returns the (job, tier,
+    stage)s to publish, or None when there is no such batch."""
+    if conn.execute(_RESUME, {"b": batch_id}).first() is None:
+        return None
+    return [(job_id, tier, Stage(stage)) for job_id, tier, stage in conn.execute(_REPUBLISH, {"b": batch_id})]
 
 
 # --- reading -------------------------------------------------------------------------------------

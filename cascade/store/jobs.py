@@ -62,13 +62,15 @@ class Claim:
 
 # SKIP LOCKED: a job locked by another transaction (a sweep re-publishing it, a claim of a duplicate message,
 # a frozen worker's open transaction) is left to its holder instead of stalling this worker's slot; if it
-# is still due afterwards, its own message or the sweeper brings it back.
+# is still due afterwards, its own message or the sweeper brings it back. A halted batch's jobs are not
+# claimed: they wait in Postgres until the batch is resumed.
 _CLAIM = text("""
 UPDATE jobs SET status = 'running', claim_no = claim_no + 1, worker_id = :worker_id,
                 lease_until = now() + make_interval(secs => :lease_s), not_before = NULL
 WHERE id IN (SELECT id FROM jobs
              WHERE id = ANY(:ids) AND status = 'queued' AND tier = :tier AND stage = :stage
                AND (not_before IS NULL OR not_before <= now())
+               AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
              FOR UPDATE SKIP LOCKED)
 RETURNING id, batch_id, key, input, tier, stage, claim_no
 """)

@@ -41,6 +41,7 @@ _DUE = text("""
 UPDATE jobs SET published_at = now()
 WHERE id IN (SELECT id FROM jobs
              WHERE status = 'queued' AND published_at IS NULL AND not_before IS NOT NULL AND not_before <= now()
+               AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
              FOR UPDATE SKIP LOCKED)
 RETURNING id, tier, stage
 """)
@@ -48,6 +49,7 @@ RETURNING id, tier, stage
 _WAITING = text("""
 SELECT tier, stage, count(*) AS waiting FROM jobs
 WHERE status = 'queued' AND (not_before IS NULL OR not_before <= now())
+  AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
 GROUP BY tier, stage
 """)
 
@@ -55,6 +57,7 @@ _STALLED = text("""
 UPDATE jobs SET published_at = now()
 WHERE id IN (SELECT id FROM jobs
              WHERE status = 'queued' AND tier = :tier AND stage = :stage
+               AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
                AND (not_before IS NULL OR not_before <= now())
                AND coalesce(published_at, created_at) < now() - make_interval(secs => :stalled_after)
              ORDER BY coalesce(published_at, created_at), id

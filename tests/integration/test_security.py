@@ -84,7 +84,7 @@ def _broker_text(env):
 def test_api_key_is_never_stored_or_logged(env, sim, workers, tmp_path):
     # Given models whose key comes from an env var holding a sentinel, one of them answering 500 every time
     sentinel = f"sk-SENTINEL-{uuid.uuid4().hex}"
-    server = sim(SimConfig(models={"broken": SimModel(p_500=1.0)}))
+    server = sim(SimConfig(models={"broken": SimModel(p_500=1.0)}, unknown_models="default"))
     (tmp_path / "cascade.yaml").write_text(yaml.safe_dump(_config(server.url)))
     rows = "".join(json.dumps({"id": i, "text": f"ticket {i}"}) + "\n" for i in range(5))
     (tmp_path / "rows.jsonl").write_text(rows)
@@ -160,9 +160,11 @@ def test_api_key_echoed_by_a_provider_is_not_stored(env, sim, echo_url, monkeypa
     run_call(StageContext(engine=env.engine, publisher=publisher, providers=providers, settings=settings), job_id, 1)
     providers.close()
     publisher.close()
-    # Then the key was sent, the job failed, and the sentinel is neither stored nor logged
+    # Then the key was sent, the 401 halted the batch (its message stored), and the sentinel is neither stored
+    # nor logged
     assert _EchoHandler.seen == [f"Bearer {sentinel}"]
-    assert env.scalar("SELECT status FROM jobs WHERE id = :j", j=job_id) == "failed"
+    assert env.scalar("SELECT status FROM jobs WHERE id = :j", j=job_id) == "queued"
+    assert "401" in env.scalar("SELECT halt_reason FROM batches WHERE id = :b", b=batch.batch_id)
     assert sentinel not in _database_text(env)
     assert sentinel not in caplog.text
 

@@ -694,3 +694,55 @@ def test_default_liveness_timings_recover_within_half_a_minute(clean_env: pytest
     assert settings.worker_dead_after_s + settings.sweep_every_s <= 30
     assert settings.stalled_after_s + settings.sweep_every_s <= 30
 
+
+# --- what real providers need ----------------------------------------------------------------------
+
+
+def test_cached_prompt_tokens_are_priced_as_the_provider_bills_them() -> None:
+    # Given a model whose cached prompt tokens cost half, as OpenAI bills gpt-4o-mini
+    price = Price(input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60"),
+                  cached_input_per_mtok=Decimal("0.075"))
+    # When a 1,000-token prompt with 800 cached tokens gets 100 output tokens
+    # Then 200 fresh tokens, 800 cached and 100 output are priced, exactly
+    assert price.cost(1000, 100, cached_tokens=800) == Decimal("0.00015")
+    assert Price(input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60")).cost(1000, 100, 800) == \
+        Decimal("0.00021")  # no cached price: cached tokens cost the input price
+    assert price.cost(10, 0, cached_tokens=50) == Decimal("0.00000075")  # never more cached than prompt tokens
+
+
+@pytest.mark.parametrize(
+    ("task_temperature", "tier", "expected"),
+    [
+        (0.3, "small", 0.3),
+        (None, "small", None),  # temperature: null on the task type: none is sent
+        (0.3, {"model": "small", "temperature": None}, None),  # null on one tier only
+        (0.3, {"model": "small", "temperature": 1.0}, 1.0),
+        (0.3, {"model": "small"}, 0.3),
+    ],
+)
+def test_temperature_null_sends_none_and_survives_the_snapshot(task_temperature: float | None, tier: Any,
+                                                                expected: float | None) -> None:
+    # Given a task type and its first tier with or without a temperature
+    data = design()
+    task0(data)["temperature"] = task_temperature
+    task0(data)["tiers"] = [tier, "medium"]
+    snap = parse_config(data, "cascade.yaml").snapshot("invoice_fields")
+    # When the tier is resolved, directly and from the snapshot a batch stores
+    stored = TaskSnapshot.model_validate(snap.to_json())
+    # Then both give the expected temperature (None: the request carries none)
+    assert snap.tier(1).temperature == expected
+    assert stored.tier(1).temperature == expected
+    assert stored.tier(2).temperature == task_temperature
+
+
+def test_reasoning_model_options_and_config_error_policy() -> None:
+    # Given a model that takes max_completion_tokens, and the defaults
+    data = design()
+    data["models"][0]["max_tokens_param"] = "max_completion_tokens"
+    config = parse_config(data, "cascade.yaml")
+    # Then the model says so, the others keep max_tokens, and a batch halts on a configuration fault by default
+    assert config.model("small").max_tokens_param == "max_completion_tokens"
+    assert config.model("medium").max_tokens_param == "max_tokens"
+    assert config.task("invoice_fields").on_config_error == "halt"
+    data["models"][1]["max_tokens_param"] = "max_output_tokens"
+    assert "models[1].max_tokens_param" in str(config_error(data))

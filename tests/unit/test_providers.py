@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -13,12 +16,27 @@ from cascade.config import ModelConfig
 from cascade.errors import (
     ConfigError,
     ProviderBadResponse,
+    ProviderConfigError,
     ProviderError,
+    ProviderNUnsupported,
     ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
 )
-from cascade.providers import ChatProvider, Completion, Message, ProviderPool
+from cascade.providers import (
+    ChatProvider,
+    Completion,
+    ErrorDetails,
+    Message,
+    ProviderPool,
+    RateLimits,
+    classify_error,
+    error_details,
+    parse_duration,
+    parse_rate_limits,
+    parse_retry_after,
+    retry_wait,
+)
 
 KEY_ENV = "CASCADE_TEST_PROVIDER_KEY"
 SENTINEL = "sk-SENTINEL-5f3a9c-never-print-me"
@@ -282,8 +300,19 @@ def raising(exc_type: type[httpx.TransportError]) -> Handler:
         pytest.param(raising(httpx.ConnectTimeout), ProviderTimeout, "timeout", None, id="connect-timeout"),
         pytest.param(responding(400, b'{"error": "bad request"}'), ProviderBadResponse, "bad_response", 400,
                      id="400"),
-        pytest.param(responding(401, b"no"), ProviderBadResponse, "bad_response", 401, id="401"),
-        pytest.param(responding(404, b"no"), ProviderBadResponse, "bad_response", 404, id="404"),
+        pytest.param(responding(401, b"no"), ProviderConfigError, "config", 401, id="401"),
+        pytest.param(responding(403, b"no"), ProviderConfigError, "config", 403, id="403"),
+        pytest.param(responding(404, b"no"), ProviderConfigError, "config", 404, id="404"),
+        pytest.param(responding(400, b'{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'),
+                     ProviderBadResponse, "bad_response", 400, id="400-context-length"),
+        pytest.param(responding(400, b'{"error": {"message": "litellm.UnsupportedParamsError: anthropic does not '
+                                     b'support parameters: [\'n\'], for model=claude"}}'),
+                     ProviderNUnsupported, "n_unsupported", 400, id="400-n"),
+        pytest.param(responding(400, b'{"error": {"message": "Unsupported parameter: \'max_tokens\' is not '
+                                     b'supported with this model.", "code": "unsupported_parameter"}}'),
+                     ProviderConfigError, "config", 400, id="400-param"),
+        pytest.param(responding(503, b"busy", {"Retry-After": "2"}), ProviderRateLimited, "rate_limited", 503,
+                     id="503-retry-after"),
         pytest.param(responding(200, b""), ProviderBadResponse, "bad_response", 200, id="200-empty"),
         pytest.param(responding(200, b"  \n"), ProviderBadResponse, "bad_response", 200, id="200-blank"),
         pytest.param(responding(200, b"<html>hello</html>"), ProviderBadResponse, "bad_response", 200,
@@ -347,7 +376,7 @@ def test_connection_kind_does_not_leak_to_the_class(make_provider: Callable[[Han
         ("0", 0.0),
         ("1.5", 1.5),
         ("-3", 0.0),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
         ("soon", None),
         ("inf", None),
         (None, None),
@@ -363,7 +392,7 @@ def test_rate_limit_retry_after(make_provider: Callable[[Handler], ChatProvider]
     with pytest.raises(ProviderRateLimited) as info:
         call(provider)
 
-    # Then delay-seconds become retry_after; a date or anything unusable leaves it None (our own backoff)
+    # Then delay-seconds become retry_after (a past date: 0); anything unusable leaves it None (our own backoff)
     assert info.value.retry_after == expected
     assert info.value.status == 429
 
@@ -397,3 +426,327 @@ def test_pool_reuses_a_client_per_model(api_key: str) -> None:
         assert call(first).contents == ["ok"]
     finally:
         pool.close()
+
+
+# --- request options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected", "absent"),
+    [
+        ({"temperature": None}, {"max_tokens": 64}, "temperature"),
+        ({"temperature": 0.0}, {"temperature": 0.0, "max_tokens": 64}, None),
+        ({"max_tokens_param": "max_completion_tokens"}, {"max_completion_tokens": 64, "temperature": 0.3},
+         "max_tokens"),
+        ({"temperature": None, "max_tokens_param": "max_completion_tokens"}, {"max_completion_tokens": 64},
+         "temperature"),
+    ],
+)
+def test_temperature_none_and_max_tokens_param(make_provider: Callable[[Handler], ChatProvider],
+                                               options: dict[str, Any], expected: dict[str, Any],
+                                               absent: str | None) -> None:
+    # Given a provider whose server records the request
+    seen: list[httpx.Request] = []
+    provider = make_provider(answering(completion_body("ok"), seen))
+    # When it is called with temperature None and/or max_completion_tokens
+    provider.complete(MESSAGES, n=1, max_tokens=64, response_format=None, headers={},
+                      **{"temperature": 0.3, **options})
+    # Then no temperature key is sent for None, and the token limit goes under the chosen name
+    body = json.loads(seen[0].content)
+    assert {k: v for k, v in body.items() if k not in ("model", "messages")} == expected
+    assert absent is None or absent not in body
+
+
+# --- the answer: choices, usage, gateway metadata ----------------------------------------------------
+
+
+def test_choices_refusals_usage_and_gateway_metadata(make_provider: Callable[..., ChatProvider]) -> None:
+    # Given a gateway answering 3 choices of 4 (one refused, one filtered), usage details and its headers
+    body = {
+        "id": "chatcmpl-1", "model": "claude-alias",
+        "choices": [
+            {"index": 0, "message": {"content": "a", "refusal": None}, "finish_reason": "stop"},
+            {"index": 1, "message": {"content": None, "refusal": "I can't help with that."}, "finish_reason": "stop"},
+            {"index": 2, "message": {"content": ""}, "finish_reason": "content_filter"},
+        ],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 300, "total_tokens": 1300,
+                  "prompt_tokens_details": {"cached_tokens": 800},
+                  "completion_tokens_details": {"reasoning_tokens": 120}},
+    }
+    headers = {"x-litellm-call-id": "call-1", "x-request-id": "req-1", "x-litellm-model-name": "claude-3-5-sonnet",
+               "x-litellm-response-cost": "0.00123", "x-ratelimit-limit-requests": "600",
+               "x-ratelimit-remaining-requests": "599", "x-ratelimit-limit-tokens": "150000",
+               "x-ratelimit-remaining-tokens": "148700", "x-ratelimit-reset-requests": "100ms",
+               "x-ratelimit-reset-tokens": "1m30.5s"}
+    provider = make_provider(lambda request: httpx.Response(200, json=body, headers=headers))
+
+    # When 4 choices are asked for
+    done = call(provider, n=4)
+
+    # Then each choice keeps its content, finish reason and refusal, and one missing choice is told apart
+    assert done.contents == ["a", None, ""]
+    assert done.finish_reasons == ["stop", "stop", "content_filter"]
+    assert done.refusals == [None, "I can't help with that.", None]
+    assert [c.blocked for c in done.choices] == [None, "refused", "content_filter"]
+    assert (done.choices_returned, done.n_requested, done.missing) == (3, 4, 1)
+    # And usage, ids, the served model, the gateway's cost and its rate-limit headers are read
+    assert (done.input_tokens, done.output_tokens, done.cached_tokens, done.reasoning_tokens) == (1000, 300, 800, 120)
+    assert (done.request_id, done.response_id, done.served_model) == ("call-1", "chatcmpl-1", "claude-3-5-sonnet")
+    assert done.gateway_cost_usd == Decimal("0.00123")
+    assert done.rate_limits == RateLimits(limit_requests=600, limit_tokens=150000, remaining_requests=599,
+                                          remaining_tokens=148700, reset_requests_s=0.1, reset_tokens_s=90.5)
+
+
+@pytest.mark.parametrize(
+    ("usage", "headers", "expected"),
+    [
+        # nothing but the basics: details default to 0, no ids, no cost
+        ({"prompt_tokens": 10, "completion_tokens": 5}, {}, (10, 5, 0, 0, None, None)),
+        # details present but null or malformed count 0; cached never exceeds the prompt
+        ({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": None,
+          "completion_tokens_details": {"reasoning_tokens": "lots"}}, {}, (10, 5, 0, 0, None, None)),
+        ({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 50}}, {},
+         (10, 5, 10, 0, None, None)),
+        # Groq/OpenRouter put them at the top of usage; OpenRouter's usage.cost is its cost
+        ({"prompt_tokens": 10, "completion_tokens": 5, "cached_tokens": 4, "reasoning_tokens": 2, "cost": 0.5}, {},
+         (10, 5, 4, 2, None, Decimal("0.5"))),
+        # thoughts counted in the total only (Gemini): booked as output
+        ({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 40}, {}, (10, 30, 0, 0, None, None)),
+        # request id fallbacks; LiteLLM's "None" cost and the pre-discount cost
+        ({}, {"x-request-id": "req-9", "x-litellm-response-cost": "None"}, (0, 0, 0, 0, "req-9", None)),
+        ({}, {"request-id": "ant-1", "x-litellm-response-cost-original": "2e-05"},
+         (0, 0, 0, 0, "ant-1", Decimal("0.00002"))),
+        ({}, {"x-generation-id": "gen-1", "x-litellm-response-cost": "-1"}, (0, 0, 0, 0, "gen-1", None)),
+    ],
+)
+def test_usage_details_ids_and_cost(make_provider: Callable[..., ChatProvider], usage: dict[str, Any],
+                                    headers: dict[str, str], expected: tuple[Any, ...]) -> None:
+    body = completion_body("ok", usage=usage)
+    provider = make_provider(lambda request: httpx.Response(200, json=body, headers=headers))
+    done = call(provider)
+    got = (done.input_tokens, done.output_tokens, done.cached_tokens, done.reasoning_tokens, done.request_id,
+           done.gateway_cost_usd)
+    assert got == expected
+    assert done.served_model is None and done.rate_limits == RateLimits()
+
+
+def test_an_event_stream_answer_is_named(make_provider: Callable[..., ChatProvider]) -> None:
+    # Given a server that streams although the request did not ask it to
+    stream = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
+    provider = make_provider(responding(200, stream, {"Content-Type": "text/event-stream"}))
+    # Then the bad response says so
+    with pytest.raises(ProviderBadResponse, match="text/event-stream"):
+        call(provider)
+
+
+# --- Retry-After, in every form ----------------------------------------------------------------------
+
+NOW = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC)
+
+
+def _http_date(delta_s: float) -> str:
+    return email.utils.format_datetime(NOW + timedelta(seconds=delta_s), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("6m0s", 360.0), ("1s", 1.0), ("20ms", 0.02), ("1m30.5s", 90.5), ("0.5s", 0.5), ("2m59.56s", 179.56),
+        ("7.66s", 7.66), ("1h2m3s", 3723.0), ("100us", 0.0001), ("1\u00b5s", 1e-6), ("0s", 0.0), (" 12ms ", 0.012),
+        ("1.5", 1.5), ("0", 0.0),
+        ("-1s", None), ("-1", None), ("soon", None), ("", None), ("1x", None), ("1m30", None), ("inf", None),
+        ("nan", None), ("1733312400000", None),
+    ],
+)
+def test_parse_duration(value: str, expected: float | None) -> None:
+    assert parse_duration(value) == pytest.approx(expected) if expected is not None else parse_duration(value) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("7", 7.0), ("0", 0.0), ("1.5", 1.5), ("-3", 0.0), (" 30 ", 30.0),
+        (_http_date(30), 30.0), (_http_date(-30), 0.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("soon", None), ("inf", None), ("nan", None), ("", None),
+    ],
+)
+def test_parse_retry_after(value: str, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": _http_date(7)}, 7.0),
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "1", "retry-after-ms": "2500"}, 2.5),  # the longest wait wins
+        ({"llm_provider-retry-after": "7"}, 7.0),  # LiteLLM forwards the upstream's header
+        ({"llm_provider-retry-after-ms": "300"}, 0.3),
+        ({"retry-after": "2", "llm_provider-retry-after": "9"}, 9.0),
+        ({"x-ratelimit-reset-requests": "6m0s"}, 360.0),  # remaining not sent: the reset applies
+        # only the spent limit's reset applies
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s",
+          "x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "6m0s"}, 1.0),
+        ({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s",
+          "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "20ms"}, 0.02),
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s",
+          "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+        ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1s"}, None),
+        ({"retry-after": "2", "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30.5s"}, 90.5),
+        ({"retry-after": "soon", "retry-after-ms": "x", "x-ratelimit-reset-tokens": "later"}, None),
+    ],
+)
+def test_retry_wait(headers: dict[str, str], expected: float | None) -> None:
+    assert retry_wait(headers, NOW) == expected
+
+
+def test_retry_wait_reads_httpx_headers_in_any_case() -> None:
+    assert retry_wait(httpx.Headers({"Retry-After": "3", "Retry-After-Ms": "3500"}), NOW) == 3.5
+
+
+def test_parse_rate_limits_skips_unreadable_values() -> None:
+    limits = parse_rate_limits({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "n/a",
+                                "llm_provider-x-ratelimit-remaining-tokens": "10.0", "x-ratelimit-reset-tokens": "x"})
+    assert limits == RateLimits(limit_requests=60, remaining_tokens=10)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (429, {"retry-after-ms": "250"}, 0.25),
+        (429, {"llm_provider-retry-after": "7"}, 7.0),
+        (429, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"}, 360.0),
+        (503, {"Retry-After": "4"}, 4.0),
+    ],
+)
+def test_rate_limited_answers_carry_the_wait(make_provider: Callable[..., ChatProvider], status: int,
+                                             headers: dict[str, str], expected: float) -> None:
+    provider = make_provider(responding(status, b"slow down", headers))
+    with pytest.raises(ProviderRateLimited) as info:
+        call(provider)
+    assert (info.value.retry_after, info.value.status, info.value.kind) == (expected, status, "rate_limited")
+
+
+# --- configuration faults and n ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"error": {"message": "m", "type": "invalid_request_error", "param": "n", "code": "bad"}}',
+         ErrorDetails("m", "bad", "n")),
+        (b'{"error": {"message": "m", "type": "None", "param": "None", "code": "400"}}', ErrorDetails("m", "400")),
+        (b'{"error": {"message": "m", "type": "invalid_request_error", "code": null}}',
+         ErrorDetails("m", "invalid_request_error")),
+        (b'{"error": "Invalid model name passed in model=x"}', ErrorDetails("Invalid model name passed in model=x")),
+        (b'[{"error": {"code": 400, "message": "m", "status": "INVALID_ARGUMENT"}}]', ErrorDetails("m", "400")),
+        (b'{"object": "error", "message": {"detail": [{"type": "extra_forbidden"}]}}',
+         ErrorDetails('{"detail": [{"type": "extra_forbidden"}]}')),
+        (b'{"object": "error", "message": "The model `x` does not exist.", "code": 404}',
+         ErrorDetails("The model `x` does not exist.", "404")),
+        (b"<html>Bad Gateway</html>", ErrorDetails("<html>Bad Gateway</html>")),
+        (b'"just a string"', ErrorDetails('"just a string"')),
+    ],
+)
+def test_error_details(raw: bytes, expected: ErrorDetails) -> None:
+    assert error_details(raw) == expected
+
+
+LITELLM_N = ("litellm.UnsupportedParamsError: anthropic does not support parameters: ['n'], for model=claude-3-5. "
+             "To drop these, set `litellm.drop_params=True` or for proxy:\n\n`litellm_settings:\n drop_params: true`")
+
+
+@pytest.mark.parametrize(
+    ("status", "details", "expected"),
+    [
+        # n refused: LiteLLM, OpenAI's param, Groq-like and Gemini texts
+        (400, ErrorDetails(LITELLM_N, "400"), "n_unsupported"),
+        (400, ErrorDetails("Invalid 'n': integer above maximum value", "integer_above_max_value", "n"),
+         "n_unsupported"),
+        (400, ErrorDetails("'n' : number must be at most 1"), "n_unsupported"),
+        (400, ErrorDetails("n must be 1"), "n_unsupported"),
+        (400, ErrorDetails("Multiple candidates is not enabled for models/gemini-3"), "n_unsupported"),
+        (422, ErrorDetails("unsupported parameter `n`"), "n_unsupported"),
+        (400, ErrorDetails("Unsupported parameter: 'n' is not supported with this model.", "unsupported_parameter"),
+         "n_unsupported"),
+        (400, ErrorDetails("Unsupported parameter: 'name' in messages"), "parameter"),
+        # auth
+        (401, ErrorDetails("Incorrect API key provided: sk-abc***xyz", "invalid_api_key"), "auth"),
+        (403, ErrorDetails("forbidden"), "auth"),
+        (400, ErrorDetails("API key not valid. Please pass a valid API key.", "400"), "auth"),
+        (400, ErrorDetails("Authentication Error, Invalid proxy server token passed"), "auth"),
+        # unknown model
+        (404, ErrorDetails("The model `gpt-5o` does not exist or you do not have access to it.", "model_not_found"),
+         "model"),
+        (404, ErrorDetails("model 'llama9' not found"), "model"),
+        (400, ErrorDetails("400: {'error': 'Invalid model name passed in model=Lite-GPT-12'}", "400"), "model"),
+        (400, ErrorDetails("litellm.BadRequestError: PerplexityException - Invalid model 'perplexity/sonar'."),
+         "model"),
+        (404, ErrorDetails("Not Found"), "not_found"),
+        # unsupported parameters and values
+        (400, ErrorDetails("Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "unsupported_parameter", "max_tokens"), "parameter"),
+        (400, ErrorDetails("Unsupported value: 'temperature' does not support 0.7 with this model. Only the default "
+                           "(1) value is supported.", "unsupported_value", "temperature"), "parameter"),
+        (400, ErrorDetails("litellm.UnsupportedParamsError: anthropic does not support parameters: ['logit_bias']"),
+         "parameter"),
+        (422, ErrorDetails('{"detail": [{"type": "extra_forbidden", "msg": "Extra inputs are not permitted"}]}'),
+         "parameter"),
+        (400, ErrorDetails("stream: true is not supported", "unsupported_value", "stream"), "parameter"),
+        # a request problem of this row, not of the configuration
+        (400, ErrorDetails("This model's maximum context length is 8192 tokens.", "context_length_exceeded"),
+         "bad_response"),
+        (400, ErrorDetails("'messages' must contain the word 'json' in some form"), "bad_response"),
+        (400, ErrorDetails("The response was filtered due to the prompt triggering content management policy",
+                           "content_filter"), "bad_response"),
+        (402, ErrorDetails("Insufficient credits"), "bad_response"),
+        (413, ErrorDetails("Request too large"), "bad_response"),
+    ],
+)
+def test_classify_error(status: int, details: ErrorDetails, expected: str) -> None:
+    assert classify_error(status, details) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "reason"),
+    [
+        (401, {"error": {"message": f"Incorrect API key provided: {SENTINEL}.", "code": "invalid_api_key"}},
+         ProviderConfigError, "auth"),
+        (404, {"error": {"message": "The model `tiny-1` does not exist", "code": "model_not_found"}},
+         ProviderConfigError, "model"),
+        (400, {"error": {"message": "Unsupported parameter: 'max_tokens'", "code": "unsupported_parameter"}},
+         ProviderConfigError, "parameter"),
+        (400, {"error": {"message": LITELLM_N, "type": "None", "param": "None", "code": "400"}},
+         ProviderNUnsupported, None),
+    ],
+)
+def test_config_faults_carry_the_providers_message_without_the_key(
+        make_provider: Callable[..., ChatProvider], status: int, body: dict[str, Any],
+        error: type[ProviderError], reason: str | None) -> None:
+    # Given a provider answering a configuration fault (one quoting the API key back)
+    provider = make_provider(lambda request: httpx.Response(status, json=body))
+    # When a completion is requested
+    with pytest.raises(ProviderError) as info:
+        call(provider, n=3)
+    # Then it is its own error class, carrying the provider's message with the key redacted
+    exc = info.value
+    assert type(exc) is error and exc.status == status
+    assert SENTINEL not in str(exc) and SENTINEL not in repr(exc.args)
+    if isinstance(exc, ProviderConfigError):
+        assert exc.kind == "config" and exc.reason == reason
+        assert exc.provider_message == body["error"]["message"].replace(SENTINEL, "***")
+        assert exc.provider_message in str(exc)
+    else:
+        assert exc.kind == "n_unsupported" and "['n']" in str(exc)
+
+
+def test_a_key_across_the_detail_cut_is_redacted_whole(make_provider: Callable[..., ChatProvider]) -> None:
+    # Given a 500 whose body quotes the key so that it straddles the 200-character cut
+    provider = make_provider(responding(500, b"x" * 190 + SENTINEL.encode() + b"y" * 100))
+    with pytest.raises(ProviderUnavailable) as info:
+        call(provider)
+    # Then no part of the key survives: it is replaced before the cut
+    assert SENTINEL[:10] not in str(info.value)
+    assert str(info.value).endswith("x" * 190 + "***" + "y" * 7)

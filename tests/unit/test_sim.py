@@ -345,7 +345,7 @@ def test_replay_load_errors_name_file_and_line(tmp_path: Path) -> None:
 def sim_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Run ``serve()`` the way ``cascade sim`` does, in a subprocess; yield the URL it announces."""
     config = tmp_path_factory.mktemp("sim") / "sim.yaml"
-    config.write_text("models:\n  slow: {latency_ms: 200}\n  limited: {p_429: 1.0}\n")
+    config.write_text("unknown_models: default\nmodels:\n  slow: {latency_ms: 200}\n  limited: {p_429: 1.0}\n")
     code = f"from cascade.sim import serve; serve(host='127.0.0.1', port=0, config_path={str(config)!r}, seed=5, " \
            "replay=None)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
