@@ -150,6 +150,8 @@ def _print_status(state: BatchStatus) -> None:
     if state.halted:
         err.print(f"[red]halted:[/red] {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
                   soft_wrap=True)
+    for note in state.notes:
+        err.print(f"note: {escape(note)}", soft_wrap=True)
 
 
 @app.command()

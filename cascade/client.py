@@ -37,6 +37,8 @@ class BatchStatus:
     cost_usd: Decimal = Decimal(0)
     #: why the batch stopped (a request no retry or bigger model can fix: bad key, unknown model), or None
     halted: str | None = None
+    #: what a user should know about how the batch runs (a model that ignores n)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> int:
@@ -50,7 +52,7 @@ class BatchStatus:
         return {"batch_id": self.batch_id, "task_type": self.task_type, "rows": self.rows,
                 "finished": self.finished, "counts": self.counts,
                 "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd),
-                "halted": self.halted}
+                "halted": self.halted, "notes": self.notes}
 
 
 class Client:
@@ -126,6 +128,8 @@ class Client:
                 raise InputError(f"no batch {batch_id!r}")
             rows = store.count_jobs(conn, batch_id)
             halted = store.halt_reason(conn, batch_id)
+            notes = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
+                     "cascade.yaml to skip the first try)" for model in store.models_ignoring_n(conn, batch_id)]
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
@@ -133,7 +137,7 @@ class Client:
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
         task_type, size = batch
-        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted)
+        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes)
 
     def wait(
         self,

@@ -247,7 +247,12 @@ def _send_split(ctx: StageContext, job: _CallJob, request: Request, samples: ran
     """Ask for ``samples`` one request each, all at once (the model ignored or refused ``n``)."""
     def one(part: Request) -> _Sent:
         out = _Sent()
-        _send_with_retries(ctx, job, _Pending(part, None), out)
+        try:
+            _send_with_retries(ctx, job, _Pending(part, None), out)
+        except Exception:  # as in _send_all: the other samples' answers are kept, the job is sent again
+            log.exception("job %s tier %s: request for sample %s failed unexpectedly; the job is sent again",
+                          job.claim.job_id, job.claim.tier, part.sample)
+            out.crashed = True
         return out
 
     parts = split(request, samples)

@@ -42,6 +42,7 @@ from cascade.store.batches import (
     insert_batch,
     job_results,
     max_tiers,
+    models_ignoring_n,
     queued_calls,
     resume_batch,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "job_results",
     "make_engine",
     "max_tiers",
+    "models_ignoring_n",
     "move_many",
     "normalize_url",
     "pg_json",

@@ -40,8 +40,9 @@ class History:
 _INTERRUPT = text("""
 UPDATE attempts SET error = 'interrupted' WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
 """)
+# An answer covers the choices that came back (a backend that ignores n answers fewer than it was asked).
 _HISTORY = text("""
-SELECT job_id, sample, n, error FROM attempts
+SELECT job_id, sample, n, coalesce(choices, n) AS answered, error FROM attempts
 WHERE job_id = ANY(:ids) AND tier = :tier AND (error IS NULL OR error NOT IN ('in_flight', 'interrupted'))
 """)
 
@@ -52,9 +53,9 @@ def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> di
     conn.execute(_INTERRUPT, {"ids": ids, "tier": tier})
     answered: dict[int, set[int]] = {i: set() for i in ids}
     failures: dict[int, dict[tuple[int, int, bool], int]] = {i: {} for i in ids}
-    for job_id, sample, n, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
+    for job_id, sample, n, returned, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
         if error is None:
-            answered[job_id].update(range(sample, sample + n))
+            answered[job_id].update(range(sample, sample + returned))
         else:
             key = (sample, n, error == "rate_limited")
             failures[job_id][key] = failures[job_id].get(key, 0) + 1
@@ -96,7 +97,7 @@ _HELD_ATTEMPT = text("""
 INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
 SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight' FROM jobs
 WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no
-FOR SHARE
+FOR NO KEY UPDATE
 RETURNING id
 """)
 
@@ -105,7 +106,9 @@ def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str |
                        n: int) -> int | None:
     """Insert the row of one request about to go out, if ``held`` is still this worker's claim; None when the
     job was taken over (the worker froze or lost Postgres for longer than the dead-after bound): its request
-    must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted."""
+    must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted; it
+    is the lock the attempts triggers take anyway (migration 0004), so concurrent requests of one job queue
+    behind each other instead of deadlocking."""
     row = conn.execute(_HELD_ATTEMPT, {"job_id": held.job_id, "claim_no": held.claim_no, "tier": held.tier,
                                        "model": model, "variant": variant, "sample": sample, "n": n}).first()
     return None if row is None else int(row.id)

@@ -36,6 +36,7 @@ __all__ = [
     "insert_batch",
     "job_results",
     "max_tiers",
+    "models_ignoring_n",
     "queued_calls",
     "resume_batch",
 ]
@@ -160,6 +161,18 @@ def halt_batch(conn: Connection, batch_id: str, reason: str) -> None:
     """Stop the batch: no job of it is claimed (its messages become no-ops) or re-published until
     ``resume_batch``. The first reason stays."""
     conn.execute(_HALT, {"b": batch_id, "reason": reason[:2000]})
+
+
+_N_IGNORED = text("""
+SELECT DISTINCT a.model FROM attempts a JOIN jobs j ON j.id = a.job_id
+WHERE j.batch_id = :b AND (a.error = 'n_unsupported' OR a.choices < a.n)
+ORDER BY a.model
+""")
+
+
+def models_ignoring_n(conn: Connection, batch_id: str) -> list[str]:
+    """The models that answered fewer choices than ``n`` (or refused ``n``) for this batch's requests."""
+    return [model for (model,) in conn.execute(_N_IGNORED, {"b": batch_id})]
 
 
 def halt_reason(conn: Connection, batch_id: str) -> str | None:

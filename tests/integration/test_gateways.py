@@ -107,7 +107,10 @@ def test_a_backend_that_ignores_or_refuses_n_still_gets_k_samples(env, sim, run,
     audit(env, r.client, batch, r.config.snapshot("label"), sim_cfg, rows)
     answered = env.rows("SELECT job_id, sum(coalesce(choices, n)) FROM attempts WHERE tier = 1 AND error IS NULL "
                         "GROUP BY job_id")
-    assert {n for _, n in answered} == {3}
+    assert {n for _, n in answered} == {3}, env.rows(
+        "SELECT job_id, sample, n, choices, error, detail FROM attempts WHERE tier = 1 AND job_id IN "
+        "(SELECT job_id FROM attempts WHERE tier = 1 AND error IS NULL GROUP BY job_id "
+        "HAVING sum(coalesce(choices, n)) <> 3) ORDER BY job_id, id")
     assert env.scalar("SELECT count(*) FROM validations WHERE tier = 1 AND samples <> 3") == 0
     # And the model was noted once, so later messages asked one sample per request from the start
     n3 = env.scalar("SELECT count(*) FROM attempts WHERE tier = 1 AND n = 3")
@@ -118,6 +121,8 @@ def test_a_backend_that_ignores_or_refuses_n_still_gets_k_samples(env, sim, run,
         assert env.scalar("SELECT count(*) FROM attempts WHERE n = 3 AND choices = 1") == n3
     warnings = [rec for rec in caplog.records if "sent as separate requests" in rec.getMessage()]
     assert len(warnings) == 1 and "'small'" in warnings[0].getMessage()
+    # And `cascade status` says so
+    assert [note.split(":")[0] for note in r.client.status(batch).notes] == ["model 'small' ignores n"]
 
 
 # --- configuration faults halt the batch -----------------------------------------------------------------
@@ -153,9 +158,13 @@ def test_an_unknown_model_halts_the_batch_until_it_is_fixed_and_resumed(env, sim
     r.publisher.due = [(j, 1, Stage.CALL) for (j,) in env.rows("SELECT id FROM jobs")]
     r.drive(batch)
     assert len(server.seen()) == before
-    # When the gateway serves the model and the batch is resumed
+    # When the gateway serves the model and the batch is resumed with `cascade retry`
     server.reconfigure(base)
-    assert r.client.resume(batch) == 20
+    retried = subprocess.run([sys.executable, "-m", "cascade.cli", "retry", batch], env=env.environ(), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert retried.returncode == 0 and "20 queued jobs published again" in retried.stderr, retried
+    # (the CLI published to the broker; this test's in-process worker takes the same jobs from Postgres)
+    r.publisher.due = [(j, 1, Stage.CALL) for (j,) in env.rows("SELECT id FROM jobs WHERE published_at IS NOT NULL")]
     r.drive(batch)
     # Then it finishes as if nothing had happened
     assert r.client.status(batch).halted is None

@@ -107,3 +107,21 @@ def test_a_concurrent_twin_with_the_same_key(env, same_rows):
         assert isinstance(outcome[0], IdempotencyConflict)
         assert outcome[0].batch_id == "first"
     assert env.scalar("SELECT count(*) FROM batches") == 1
+
+
+def test_an_answer_with_fewer_choices_than_n_covers_only_what_came_back(env):
+    # Given a claimed job whose n=3 request came back with one choice (a backend that ignores n)
+    with env.engine.begin() as conn:
+        store.insert_batch(conn, _batch("b1", None))
+        store.copy_jobs(conn, "b1", "classify", [("k1", '{"id": 1, "text": "t"}')])
+        job_id = conn.exec_driver_sql("SELECT id FROM jobs").scalar_one()
+        (claim,) = store.claim(conn, [job_id], 1, store.Stage.CALL, 300)
+        (attempt,) = store.start_attempts(conn, [store.NewAttempt(job_id, 1, "small", None, 0, 3)])
+        store.end_attempts(conn, [{"id": attempt, "latency_ms": 5, "input_tokens": 10, "output_tokens": 3,
+                                   "cost_usd": Decimal(0), "error": None, "detail": None, "response": '["a"]',
+                                   "choices": 1}])
+    # When the job's history is read for its next claim
+    with env.engine.begin() as conn:
+        history = store.prepare_attempts(conn, [claim], 1)[job_id]
+    # Then only sample 0 is answered: samples 1 and 2 are still to be asked for
+    assert history.answered == frozenset({0})

@@ -15,6 +15,7 @@ from cascade.policy import (
     after_request_error,
     after_verdict,
     backoff,
+    is_retryable,
 )
 
 RETRY, DEFER, GIVE_UP = RequestAction.RETRY, RequestAction.DEFER, RequestAction.GIVE_UP
@@ -256,3 +257,25 @@ def test_is_retryable(kind: str, status: int | None, retryable: bool) -> None:
     from cascade.policy import is_retryable
 
     assert is_retryable(kind, status) is retryable
+
+
+@pytest.mark.parametrize(
+    ("kind", "on_config_error", "retry_after_s", "expected"),
+    [
+        ("config", "halt", None, RequestStep(RequestAction.HALT)),  # bad key, unknown model: stop the batch
+        ("config", "escalate", None, RequestStep(RequestAction.GIVE_UP)),  # as before: the tier failed
+        ("n_unsupported", "halt", None, RequestStep(RequestAction.SPLIT)),  # ask one sample per request
+        ("unavailable", "halt", 3.0, RequestStep(RequestAction.RETRY, 3.0)),  # a 503's Retry-After beats backoff
+        ("unavailable", "halt", 0.1, RequestStep(RequestAction.RETRY, 0.5)),  # never sooner than our backoff
+        ("unavailable", "halt", 60.0, RequestStep(RequestAction.DEFER, 60.0)),  # a long wait frees the worker
+    ],
+)
+def test_configuration_faults_refused_n_and_server_waits(kind: str, on_config_error: str,
+                                                         retry_after_s: float | None, expected: RequestStep) -> None:
+    # Given the first failure of a request
+    # When the policy decides
+    step = after_request_error(kind, retryable=is_retryable(kind, 400 if kind != "unavailable" else 503), attempt=1,
+                               max_retries=3, retry_after_s=retry_after_s, max_inline_wait_s=5.0,
+                               on_config_error=on_config_error)
+    # Then it halts, splits, or waits as long as the server asked
+    assert step == expected
