@@ -39,21 +39,7 @@ SCHEMA = {
 }
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}}
 
-Factory = Callable[..., SimServer]
-
-
-@pytest.fixture
-def sim() -> Iterator[Factory]:
-    """Start SimServers on free ports; stop them all in teardown."""
-    servers: list[SimServer] = []
-
-    def start(config: SimConfig | None = None, **kw: Any) -> SimServer:
-        servers.append(SimServer(config, **kw).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+Factory = Callable[..., SimServer]  # the `sim` fixture of tests/conftest.py
 
 
 def _one(**model: Any) -> SimConfig:

@@ -19,20 +19,7 @@ from cascade.errors import ProviderConfigError, ProviderNUnsupported, ProviderRa
 from cascade.providers import ChatProvider, Completion
 from cascade.sim import SimConfig, SimModel, SimPrice, SimServer, _go_duration, expected_answer
 
-Factory = Callable[..., SimServer]
-
-
-@pytest.fixture
-def sim() -> Iterator[Factory]:
-    servers: list[SimServer] = []
-
-    def start(config: SimConfig | None = None, **kw: Any) -> SimServer:
-        servers.append(SimServer(config, **kw).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
+Factory = Callable[..., SimServer]  # the `sim` fixture of tests/conftest.py
 
 
 @pytest.fixture
