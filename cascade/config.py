@@ -73,6 +73,8 @@ class ModelConfig(_Frozen):
     price: Price = Price()
     timeout_s: float = Field(30.0, gt=0)
     rate_limit_rpm: int | None = Field(None, gt=0)
+    # Tokens per minute, prompt + completion; shared by every worker like rate_limit_rpm (cascade.ratelimit).
+    rate_limit_tpm: int | None = Field(None, gt=0)
     supports_n: bool = True
     max_retries: int = Field(3, ge=0, le=10)
     # o-series and other reasoning models take max_completion_tokens instead of max_tokens.

@@ -128,6 +128,13 @@ class SimModel(BaseModel):
         served_model: the model the answer says answered (body ``model``, ``x-litellm-model-name``); None: the
             requested one.
         gateway_price: send ``x-litellm-response-cost``, the answer's cost at these prices.
+        rpm_limit, tpm_limit: requests and tokens (prompt + completion, as answered) per minute, enforced per fixed
+            window of ``limit_window_s`` (a share of the limit each, as OpenAI quantizes its limits), which starts at
+            the model's first request: a request over either gets OpenAI's 429 ``rate_limit_exceeded`` with
+            ``Retry-After`` and ``x-ratelimit-*`` headers, and counts no attempt (the draws of the requests that
+            pass stay the same) and no tokens. With a limit set, every 200 sends ``x-ratelimit-limit`` (per
+            minute), ``-remaining`` (in this window) and ``-reset`` (the window's end) for it. A request over the
+            token limit is one whose prompt does not fit in what remains.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -158,6 +165,9 @@ class SimModel(BaseModel):
     gateway_headers: bool = False
     served_model: str | None = None
     gateway_price: SimPrice | None = None
+    rpm_limit: int | None = Field(None, gt=0)
+    tpm_limit: int | None = Field(None, gt=0)
+    limit_window_s: float = Field(60.0, gt=0, le=60)
 
     @model_validator(mode="after")
     def _check_sums(self) -> SimModel:
@@ -479,6 +489,7 @@ class _Reply:
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     drop: bool = False
+    tokens: int = 0  # usage.total_tokens of an answer
 
 
 _STATIC_REPLIES: dict[Fault | None, _Reply] = {
@@ -574,11 +585,11 @@ def _completion(req: _Request, contents: list[str | None], answer: _Answer, comp
     if answer.price is not None:
         cost = answer.price.cost(prompt, done, answer.cached_tokens)
         headers += (("x-litellm-response-cost", format(cost, "f")),)
-    return _json(200, {
+    return dataclasses.replace(_json(200, {
         "id": "chatcmpl-" + _hex8(req.model, req.key, req.first, time.monotonic_ns()),
         "object": "chat.completion", "created": int(time.time()), "model": answer.model or req.model,
         "choices": _choices(contents, answer), "usage": usage,
-    }, headers)
+    }, headers), tokens=prompt + done)
 
 
 def _go_duration(seconds: float) -> str:
@@ -616,6 +627,48 @@ def _n_rejected(name: str) -> _Reply:
                    " drop_params: true`\n", "type": "None", "param": "None", "code": "400"}})
 
 
+@dataclass
+class _Window:
+    """One model's fixed 60 s rate-limit window: when it started, and what it has counted."""
+
+    start: float
+    requests: int = 0
+    tokens: int = 0
+
+    def roll(self, now: float, length: float) -> None:
+        if now - self.start >= length:
+            self.start += length * ((now - self.start) // length)
+            self.requests = self.tokens = 0
+
+    def headers(self, m: SimModel, now: float) -> tuple[tuple[str, str], ...]:
+        reset = _go_duration(max(0.001, round(self.start + m.limit_window_s - now, 3)))
+        out: list[tuple[str, str]] = []
+        for dim, limit, used in (("requests", m.rpm_limit, self.requests), ("tokens", m.tpm_limit, self.tokens)):
+            if limit is not None:
+                out += [(f"x-ratelimit-limit-{dim}", str(limit)),
+                        (f"x-ratelimit-remaining-{dim}", str(max(0, _quota(limit, m) - used))),
+                        (f"x-ratelimit-reset-{dim}", reset)]
+        return tuple(out)
+
+
+def _quota(per_minute: int, m: SimModel) -> int:
+    """What one window of ``m`` allows of a per-minute limit."""
+    return max(1, int(per_minute * m.limit_window_s / 60))
+
+
+def _over_limit(req: _Request, m: SimModel, window: _Window, now: float) -> _Reply:
+    """OpenAI's 429 for a request over ``rpm_limit`` or ``tpm_limit``, with its headers."""
+    if m.rpm_limit is not None and window.requests + 1 > _quota(m.rpm_limit, m):
+        what, limit, used, asked = "requests per min (RPM)", m.rpm_limit, window.requests, 1
+    else:
+        what, limit, used, asked = "tokens per min (TPM)", m.tpm_limit or 0, window.tokens, req.prompt_tokens
+    wait = window.start + m.limit_window_s - now
+    message = (f"Rate limit reached for {req.model} on {what}: Limit {limit}, Used {used}, Requested {asked}. "
+               f"Please try again in {wait:.3f}s.")
+    body = {"error": {"message": message, "type": what.split()[0], "param": None, "code": "rate_limit_exceeded"}}
+    return _json(429, body, (*window.headers(m, now), ("Retry-After", str(max(1, math.ceil(wait))))))
+
+
 class _Sim:
     """The server's state and answers; handler threads share one instance."""
 
@@ -633,6 +686,7 @@ class _Sim:
             self._in_flight = getattr(self, "_in_flight", 0)
             self._peak = self._in_flight
             self.seen: deque[SeenRequest] = deque(maxlen=100_000)
+            self._windows: dict[str, _Window] = {}
 
     def stats(self) -> dict[str, Any]:  # Any: a JSON object
         with self._lock:
@@ -649,20 +703,56 @@ class _Sim:
 
     def _answer(self, req: _Request) -> _Reply:
         with self._lock:
-            attempt = self._attempts[(req.model, req.key, req.first, req.n)]
-            self._attempts[(req.model, req.key, req.first, req.n)] += 1
             self._by_model[req.model] += 1
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
         try:
             refused = self._refuse(req)
+            limited = None if refused is not None else self._limit(req)
+            if limited is not None:  # counts no attempt: the draws of the requests that pass stay the same
+                return limited
+            with self._lock:
+                attempt = self._attempts[(req.model, req.key, req.first, req.n)]
+                self._attempts[(req.model, req.key, req.first, req.n)] += 1
             if refused is not None:  # a gateway refuses these before any model runs: no latency
                 return refused
             self.stopping.wait(self.config.latency_s(req.model, req.key, req.first, attempt))
-            return self._replay(req) if self.recordings is not None else self._simulate(req, attempt)
+            reply = self._replay(req) if self.recordings is not None else self._simulate(req, attempt)
+            return self._count(req, reply)
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    def _limit(self, req: _Request) -> _Reply | None:
+        """The 429 of a request over its model's ``rpm_limit``/``tpm_limit``; None (and counted) when it fits."""
+        m = self.config.model(req.model)
+        if m.rpm_limit is None and m.tpm_limit is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.setdefault(req.model, _Window(now))
+            window.roll(now, m.limit_window_s)
+            if ((m.rpm_limit is None or window.requests < _quota(m.rpm_limit, m))
+                    and (m.tpm_limit is None or window.tokens + req.prompt_tokens <= _quota(m.tpm_limit, m))):
+                window.requests += 1
+                window.tokens += req.prompt_tokens
+                return None
+            return _over_limit(req, m, window, now)
+
+    def _count(self, req: _Request, reply: _Reply) -> _Reply:
+        """With limits: count an answer's tokens and add the ``x-ratelimit-*`` headers (its prompt was counted on
+        arrival, as an estimate, and is replaced by the real usage)."""
+        m = self.config.model(req.model)
+        if (m.rpm_limit is None and m.tpm_limit is None) or reply.status != 200:
+            return reply
+        with self._lock:
+            window = self._windows.get(req.model)
+            if window is None:
+                return reply
+            now = time.monotonic()
+            window.roll(now, m.limit_window_s)
+            window.tokens = max(0, window.tokens + reply.tokens - req.prompt_tokens)
+            return dataclasses.replace(reply, headers=reply.headers + window.headers(m, now))
 
     def _refuse(self, req: _Request) -> _Reply | None:
         """The 404 for a model the sim does not serve, or the 400 of a model that rejects ``n`` > 1."""

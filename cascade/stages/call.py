@@ -19,7 +19,8 @@ from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, is_retryable
-from cascade.ratelimit import UNLIMITED, Reservation
+from cascade.providers import Completion
+from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
 from cascade.stages.context import StageContext, request_threads
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
@@ -41,6 +42,7 @@ class _Pending:
     wait_s: float = 0.0
     limited: int = 0  # 429s
     failed: int = 0  # other failures
+    tokens: int = 0  # reserved under rate_limit_tpm (settled to the real usage after the answer)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def _plan(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
         writes.verdict(snap, claim, unusable)
         return None
     requests = plan_requests(tier, claim.input, set(past.answered), one_by_one=tier.model.name in ctx.n_ignored)
-    slots = _reserve(ctx, tier, len(requests), hold=f"{claim.job_id}:{claim.tier}")
+    slots = _reserve(ctx, tier, requests, hold=f"{claim.job_id}:{claim.tier}")
     if not slots.granted:
         # No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
         # little before its held slot (the sweeper re-publishes it) and waits the rest inline.
@@ -143,8 +145,10 @@ def _plan(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
                     error=_limit_note(tier, slots))
         return None
     job = _CallJob(claim, snap, tier)
+    booked = slots is not UNLIMITED  # UNLIMITED: nothing was booked, nothing to settle
     job.pending = [_Pending(r, None, slots.wait_s(i), past.failures.get((r.sample, r.n, True), 0),
-                            past.failures.get((r.sample, r.n, False), 0)) for i, r in enumerate(requests)]
+                            past.failures.get((r.sample, r.n, False), 0), _tokens(tier, r) if booked else 0)
+                   for i, r in enumerate(requests)]
     return job
 
 
@@ -158,18 +162,51 @@ def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
     return None
 
 
-def _reserve(ctx: StageContext, tier: ResolvedTier, count: int, *, hold: str | None) -> Reservation:
-    """Slots for ``count`` requests under the model's ``rate_limit_rpm`` (shared by every worker)."""
-    rpm = tier.model.rate_limit_rpm
-    limiter = ctx.limiter() if rpm and count else None
-    if limiter is None or rpm is None:
+def _reserve(ctx: StageContext, tier: ResolvedTier, requests: Sequence[Request], *, hold: str | None) -> Reservation:
+    """Slots for ``requests`` under the model's ``rate_limit_rpm`` and their upper-bound tokens under its
+    ``rate_limit_tpm`` (shared by every worker)."""
+    model = tier.model
+    limiter = ctx.limiter() if (model.rate_limit_rpm or model.rate_limit_tpm) and requests else None
+    if limiter is None:
         return UNLIMITED
-    return limiter.reserve(tier.model.name, rpm, count=count, max_wait_s=ctx.limit_wait_s, hold=hold)
+    tokens = sum(_tokens(tier, r) for r in requests) if model.rate_limit_tpm else 0
+    return limiter.reserve(model.name, model.rate_limit_rpm, count=len(requests), max_wait_s=ctx.limit_wait_s,
+                           hold=hold, tpm=model.rate_limit_tpm, tokens=tokens)
+
+
+def _tokens(tier: ResolvedTier, request: Request) -> int:
+    """What ``request`` reserves under ``rate_limit_tpm``: the most it can use."""
+    if not tier.model.rate_limit_tpm:
+        return 0
+    return upper_bound_tokens(request.messages, n=request.n, max_tokens=tier.max_tokens)
+
+
+def _settle(ctx: StageContext, tier: ResolvedTier, pending: _Pending, done: Completion) -> None:
+    """After an answer: count its real tokens instead of the reserved ones, and when its ``x-ratelimit-*``
+    headers say a provider limit is nearly spent, hold every worker's next requests back until its reset."""
+    model, pause = tier.model, pause_s(done.rate_limits)
+    if not (model.rate_limit_tpm or (pause and model.rate_limit_rpm)):
+        return  # nothing to count: RPM alone costs no round trip per answer
+    limiter = ctx.limiter()
+    if limiter is not None:
+        limiter.settle(model.name, rpm=model.rate_limit_rpm, tpm=model.rate_limit_tpm, reserved=pending.tokens,
+                       used=done.input_tokens + done.output_tokens, pause_s=pause)
+    pending.tokens = 0
+
+
+def _await_pause(ctx: StageContext, tier: ResolvedTier) -> None:
+    """Hold a request back while an answer asked this process to pause (at most the inline wait; past that the
+    provider's own 429 and Retry-After take over)."""
+    if tier.model.rate_limit_rpm or tier.model.rate_limit_tpm:
+        limiter = ctx.limiter()
+        if limiter is not None and (wait := limiter.paused_s(tier.model.name)) > 0:
+            ctx.sleep(min(wait, ctx.limit_wait_s))
 
 
 def _limit_note(tier: ResolvedTier, slots: Reservation) -> str:
-    return (f"waiting for model {tier.model.name!r} (rate_limit_rpm {tier.model.rate_limit_rpm}): "
-            f"next slot in {slots.first_s:.1f} s")
+    limits = [f"{name} {value}" for name, value in (("rate_limit_rpm", tier.model.rate_limit_rpm),
+                                                     ("rate_limit_tpm", tier.model.rate_limit_tpm)) if value]
+    return f"waiting for model {tier.model.name!r} ({', '.join(limits)}): next slot in {slots.first_s:.1f} s"
 
 
 def _slot_delay(ctx: StageContext, slots: Reservation) -> float:
@@ -207,6 +244,7 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
         ctx.sleep(pending.wait_s)
         attempt_id = _start_attempt(ctx, job, pending.request)
     while attempt_id is not None:
+        _await_pause(ctx, job.tier)
         started = time.monotonic()
         try:
             done = send(ctx, job.snap, job.tier, pending.request)
@@ -214,11 +252,12 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
             sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
             sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
             step = _after_failure(ctx, job, pending, exc)
-            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, job.tier, step, sent):
+            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, job.tier, pending, step, sent):
                 attempt_id = _start_attempt(ctx, job, pending.request)
                 continue
             _stop(ctx, job, pending, sent, step, exc)
             return
+        _settle(ctx, job.tier, pending, done)
         sent.rows.append(answer_row(attempt_id, job.snap, job.tier, pending.request, done))
         sent.answered = True
         if done.missing:
@@ -275,17 +314,20 @@ def _after_failure(ctx: StageContext, job: _CallJob, pending: _Pending, exc: Pro
         max_inline_wait_s=ctx.settings.max_inline_wait_s, on_config_error=job.snap.task_type.on_config_error)
 
 
-def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, step: RequestStep, sent: _Sent) -> bool:
-    """Carry out a RETRY step: record the failed request, back off, take a rate-limit slot. False when no slot
-    comes soon (``sent.defer_s`` then says how long the job waits in Postgres)."""
+def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, pending: _Pending, step: RequestStep,
+                   sent: _Sent) -> bool:
+    """Carry out a RETRY step: record the failed request, back off, take a rate-limit slot (the failed
+    request's tokens stay counted: the provider may have counted them too). False when no slot comes soon
+    (``sent.defer_s`` then says how long the job waits in Postgres)."""
     with ctx.engine.begin() as conn:  # a failed request is recorded before its retry goes out
         store.end_attempts(conn, sent.rows)
     sent.rows.clear()
     ctx.sleep(step.delay_s)
-    slot = _reserve(ctx, tier, 1, hold=None)
+    slot = _reserve(ctx, tier, [pending.request], hold=None)
     if not slot.granted:
         sent.defer_s, sent.error_detail = _slot_delay(ctx, slot), _limit_note(tier, slot)
         return False
+    pending.tokens = _tokens(tier, pending.request) if slot is not UNLIMITED else 0
     ctx.sleep(slot.wait_s(0))
     sent.error_kind, sent.error_detail = None, ""
     return True

@@ -12,7 +12,7 @@ import pytest
 from cascade.client import Client
 from cascade.publish import CeleryPublisher
 from cascade.ratelimit import RedisRateLimiter, burst_of
-from cascade.sim import SimConfig
+from cascade.sim import SimConfig, SimModel
 from tests.integration import scenario
 from tests.integration.test_provider_faults import sweeping
 
@@ -98,6 +98,35 @@ def test_rate_limit_holds_across_two_workers(env, sim, workers):
             assert j - i + 1 <= burst + rate * (float(sent[j] - sent[i]) + 0.2), (i, j, sent[i], sent[j])
     assert float(sent[-1] - sent[0]) >= (30 - burst) / rate - 0.5
     # And long waits went through Postgres instead of holding a worker slot
+    assert swept["due"] > 0
+    for proc in procs:
+        assert proc.proc.poll() is None
+        assert "Traceback" not in proc.log.read_text(errors="replace")
+    client.close()
+
+
+def test_token_limit_holds_across_two_workers(env, sim, workers):
+    # Given a sim that enforces 6,000 tokens a minute (and 600 requests) for the small model per fixed 10 s
+    # window (1,000 tokens each), a cascade config 5% under those limits (as one configures a provider's: its
+    # windows and ours never line up exactly), and two worker processes
+    tpm, rpm, rows = 5700, 570, scenario.rows(60, "summary")
+    limits = SimModel(latency_ms=20, rpm_limit=600, tpm_limit=6000, limit_window_s=10)
+    server = sim(SimConfig(seed=3, models={"small": limits}, unknown_models="default"))
+    settings = env.settings()
+    config = scenario.cascade_config(server.url, rate_limit_rpm=rpm, rate_limit_tpm=tpm)
+    client = Client(settings, engine=env.engine, config=config,
+                    publisher=CeleryPublisher.connect(settings, settings.broker_url))
+    procs = [workers(concurrency=16), workers(concurrency=16)]
+    # When 60 single-sample jobs (about 23 tokens each, 600 reserved: max_tokens 512) are submitted at once
+    with sweeping(env) as swept:
+        batch = client.submit("summary", rows, key_field="id").batch_id
+        state = client.wait(batch, timeout=90, poll_s=0.2)
+    # Then every job succeeded on its first tier, and the sim answered no request with a 429
+    assert state.counts == {"succeeded": 60} and state.by_tier == {1: 60}, state
+    assert [s.status for s in server.seen()] == [200] * 60
+    # And the tokens took more than one of the sim's windows (so its limit held), and waits went through Postgres
+    used = env.rows("SELECT extract(epoch FROM created_at), input_tokens + output_tokens FROM attempts ORDER BY 1")
+    assert sum(u for _, u in used) > 6000 * 10 / 60
     assert swept["due"] > 0
     for proc in procs:
         assert proc.proc.poll() is None
