@@ -1,7 +1,8 @@
-"""The ``cascade`` command. Exit codes: 0 ok, 1 some jobs failed, 2 bad input or config, 3 timeout.
+"""The ``cascade`` command. Exit codes: 0 ok, 1 some jobs failed, 2 bad input or config, 3 timeout,
+4 the database or the broker cannot be reached.
 
-``submit`` prints only the batch id on stdout (``BATCH=$(cascade submit ...)``); human messages go to
-stderr; every read command has ``--json``.
+``submit`` prints only the batch id on stdout (``BATCH=$(cascade submit ...)``), as soon as it is committed;
+human messages go to stderr; every read command has ``--json``; a batch id may be a unique prefix.
 """
 
 from __future__ import annotations
@@ -11,21 +12,23 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cascade.cli_common import err, fail, guard, make_client
 from cascade.cli_eval import eval_command
 from cascade.client import BatchStatus, Client
 from cascade.config import CascadeSettings, load_settings
-from cascade.errors import CascadeError
+from cascade.display import console, money, parse_since, stats_table
+from cascade.errors import CascadeError, ConfigError
 
 if TYPE_CHECKING:
     from cascade.stack import DevStack
@@ -36,41 +39,22 @@ app = typer.Typer(help="Cheap LLM batch jobs through a cascade of models.", no_a
                   pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-err = Console(stderr=True)
-T = TypeVar("T")
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="cascade.yaml (default: $CASCADE_CONFIG)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _client(config: Path | None = None) -> Client:
-    return Client(load_settings(config=config))
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Turn cascade's errors into a message on stderr and exit code 2."""
-    try:
-        return fn()
-    except CascadeError as exc:
-        _fail(exc)
-
-
-def _fail(exc: CascadeError) -> NoReturn:
-    # The message may hold user data (paths, keys, rows): escaped, never folded mid-word.
-    err.print("[red]error:[/red] " + escape(str(exc)), highlight=False, soft_wrap=True)
-    raise typer.Exit(2) from None
-
-
 @contextmanager
-def _running_stack(settings: CascadeSettings) -> Iterator[DevStack]:
+def _running_stack(settings: CascadeSettings, **options: Any) -> Iterator[DevStack]:  # Any: run_stack's options
     """``run_stack``, with a service that never came up (a dead Flower, Postgres) reported as exit 2."""
     from cascade.stack import run_stack
 
     try:
-        with run_stack(settings) as stack:
+        with run_stack(settings, **options) as stack:
             yield stack
     except CascadeError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _json_default(value: object) -> str:
@@ -89,7 +73,7 @@ def db_upgrade() -> None:
     """Create or migrate cascade's tables and views (CASCADE_DATABASE_URL)."""
     from cascade.migrate import upgrade
 
-    _guard(lambda: upgrade(_client().engine))
+    guard(lambda: upgrade(make_client().engine))
     err.print("database is at the latest revision")
 
 
@@ -113,7 +97,7 @@ def submit(
         from cascade import producer
         from cascade.errors import ConfigError, InputError
 
-        client = _client(config)
+        client = make_client(config)
         try:
             snap = client.config.snapshot(task_type)
         except ConfigError as exc:
@@ -124,29 +108,54 @@ def submit(
         if skip_invalid is not None and file != "-" and skip_invalid.resolve() == Path(file).resolve():
             raise InputError("--skip-invalid must not name the input file", source=file)
         if file == "-":
-            rows = producer.read_rows(sys.stdin.buffer, kind, "<stdin>")
+            rows = producer.read_rows(sys.stdin.buffer, _stdin_format(fmt), "<stdin>")
             return producer.submit_rows(client.engine, client.publisher, snap, rows, source="<stdin>",
                                         key_field=key_field, idempotency_key=idempotency_key,
-                                        rejects_path=skip_invalid)
+                                        rejects_path=skip_invalid, on_committed=announce)
         return client.submit(task_type, file, fmt=kind, key_field=key_field, idempotency_key=idempotency_key,
-                             rejects_path=skip_invalid)
+                             rejects_path=skip_invalid, on_committed=announce)
 
-    result = _guard(run)
+    committed: list[str] = []
+
+    def announce(batch_id: str) -> None:
+        # On stdout the moment it is committed: if publishing fails next, the user still has the id.
+        committed.append(batch_id)
+        typer.echo(batch_id)
+
+    result = guard(run)
     verb = "submitted" if result.created else "already submitted (same idempotency key and rows)"
     err.print(f"{verb}: batch {result.batch_id}, {result.rows} rows"
               + (f", {result.rejected} rejected → {skip_invalid}" if result.rejected else ""),
               markup=False, highlight=False, soft_wrap=True)
-    typer.echo(result.batch_id)
+    if not committed:
+        typer.echo(result.batch_id)
+
+
+def _stdin_format(fmt: str | None) -> Literal["jsonl", "csv"]:
+    """--format if given, else what the first line of stdin looks like (said on stderr when it is CSV)."""
+    from cascade.rows import sniff_format
+
+    if fmt is not None:
+        return "csv" if fmt == "csv" else "jsonl"
+    peek = getattr(sys.stdin.buffer, "peek", None)  # a BufferedReader's: nothing is consumed
+    kind = sniff_format(peek(65536)) if peek else "jsonl"
+    if kind == "csv":
+        err.print("reading <stdin> as CSV (its first line is a header, not JSON; --format jsonl to insist)",
+                  markup=False, highlight=False, soft_wrap=True)
+    return kind
 
 
 def _print_status(state: BatchStatus) -> None:
-    table = Table(title=f"batch {state.batch_id} ({state.task_type})")
-    for col in ("rows", "queued", "running", "succeeded", "failed", "cost_usd"):
-        table.add_column(col, justify="right")
+    out = console()
+    # The id on a line of its own: a table title would fold it at the table's width.
+    out.print(f"batch {state.batch_id} ({state.task_type})", markup=False, highlight=False, soft_wrap=True)
+    table = Table()
+    for col in ("rows", "queued", "running", "succeeded", "failed", "cost"):
+        table.add_column(col, justify="right", no_wrap=True)
     c = state.counts
     table.add_row(str(state.rows), str(c.get("queued", 0)), str(c.get("running", 0)), str(c.get("succeeded", 0)),
-                  str(c.get("failed", 0)), f"{state.cost_usd:.6f}")
-    Console().print(table)
+                  str(c.get("failed", 0)), money(state.cost_usd))
+    out.print(table)
     if state.halted:
         err.print(f"[red]halted:[/red] {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
                   soft_wrap=True)
@@ -155,13 +164,36 @@ def _print_status(state: BatchStatus) -> None:
 
 
 @app.command()
-def status(batch: str, as_json: JsonOpt = False) -> None:
-    """Counts of a batch's jobs by status."""
-    state = _guard(lambda: _client().status(batch))
+def status(
+    batch: str,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Live: jobs per tier and stage beside the queues' messages, rate, ETA, cost so far; "
+                        "until the batch is finished (Ctrl-C stops watching, not the batch).")] = False,
+    every: Annotated[float, typer.Option(help="With --watch: seconds between polls.")] = 1.0,
+) -> None:
+    """Counts of a batch's jobs by status (--watch: live, per tier and stage)."""
+    client = make_client()
+    if watch and not as_json:
+        _watch(client, batch, every)
+    state = guard(lambda: client.status(batch))
     if as_json:
         typer.echo(json.dumps(state.to_json()))
     else:
         _print_status(state)
+
+
+def _watch(client: Client, batch: str, every: float) -> None:
+    from cascade.cli_watch import watch as watch_batch
+
+    def queue_lengths() -> dict[str, int]:
+        return client.publisher.queue_lengths()
+
+    try:
+        guard(lambda: watch_batch(client, batch, console(), poll_s=every, queue_lengths=queue_lengths))
+    except KeyboardInterrupt:
+        err.print("stopped watching; the batch goes on")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -172,7 +204,7 @@ def wait(
 ) -> None:
     """Wait for a batch to finish with a progress bar. Exit 1 if some jobs failed, 2 if the batch halted on a
     configuration fault (fix it, then `cascade retry BATCH`), 3 on timeout."""
-    client = _client()
+    client = make_client()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=as_json) as bar:
         task = bar.add_task(f"batch {batch[:8]}", total=None)
@@ -180,13 +212,14 @@ def wait(
         def show(state: BatchStatus) -> None:
             tiers = " ".join(f"t{k}:{v}" for k, v in state.by_tier.items())
             bar.update(task, total=state.rows, completed=state.finished,
-                       description=f"batch {batch[:8]} [{tiers}] failed:{state.counts.get('failed', 0)}")
+                       description=f"batch {state.batch_id[:8]} [{tiers}] failed:{state.counts.get('failed', 0)}")
 
-        state = _guard(lambda: client.wait(batch, timeout=timeout, on_progress=show))
+        state = guard(lambda: client.wait(batch, timeout=timeout, on_progress=show))
     if as_json:
         typer.echo(json.dumps(state.to_json()))
     if state.halted and not state.is_done:
-        err.print(f"batch halted: {escape(state.halted)}\nfix it, then: cascade retry {batch}", soft_wrap=True)
+        err.print(f"batch halted: {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
+                  soft_wrap=True)
         raise typer.Exit(2)
     if not state.is_done:
         err.print(f"timeout: {state.finished}/{state.rows} jobs finished")
@@ -199,21 +232,30 @@ def wait(
 @app.command()
 def retry(batch: str) -> None:
     """Resume a batch halted by a configuration fault (bad key, unknown model), once it is fixed."""
-    client = _client()
-    resumed = _guard(lambda: client.resume(batch))
+    client = make_client()
+    batch = guard(lambda: client.resolve(batch))
+    resumed = guard(lambda: client.resume(batch))
     err.print(f"batch {batch}: {resumed} queued jobs published again")
 
 
 @app.command()
 def results(
     batch: str,
-    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    fmt: Annotated[str | None, typer.Option("--format", help="jsonl (the default) or csv.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row (the same as --format jsonl).")]
+    = False,
 ) -> None:
-    """One line per input row: key, status, final tier, output, cost, error."""
+    """One line per input row: key, status, final tier, output, exact cost, error."""
     _check_format(fmt)
-    client = _client()
-    _guard(lambda: client.status(batch))
-    rows = client.results(batch)
+    if as_json and fmt == "csv":
+        err.print("error: --json and --format csv ask for two formats; give one", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    client = make_client()
+    guard(lambda: _write_results(client, batch, fmt or "jsonl"))
+
+
+def _write_results(client: Client, batch: str, fmt: str) -> None:
+    rows = client.results(client.resolve(batch))
     out = sys.stdout
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=["key", "status", "tier", "output", "cost_usd", "error"])
@@ -228,37 +270,30 @@ def results(
 @app.command()
 def stats(
     task_type: Annotated[str | None, typer.Option(help="Only this task type.")] = None,
+    batch: Annotated[list[str] | None, typer.Option(
+        "--batch", help="Only this batch (an id or unique prefix; repeat for several).")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only batches submitted since: an age (30m, 24h, 7d) or an ISO date/time.")] = None,
+    include_eval: Annotated[bool, typer.Option(
+        "--include-eval", help="Count the batches `cascade eval` ran too (left out by default).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The escalation_stats view: escalation rates, cost and savings per task type."""
-    rows = _guard(lambda: _client().stats(task_type))
+    """Escalation rates, cost and savings per task type (the escalation_stats view), for all batches or some.
+    People get rounded money and percentages; --json gives the exact values."""
+    client = make_client()
+    try:
+        start = None if since is None else parse_since(since, datetime.now(UTC))
+    except ValueError as exc:
+        fail(ConfigError(str(exc)))
+    rows = guard(lambda: client.stats(task_type, batch_ids=batch, since=start, include_eval=include_eval))
+    left_out = 0 if include_eval or batch else guard(client.eval_batches)
     if as_json:
         typer.echo(json.dumps(rows, default=_json_default))
-        return
-    Console().print(stats_table(rows))
-
-
-STATS_COLUMNS = ["jobs", "finished", "succeeded", "failed", "escalation_rate", "tier2_rate", "tier3_rate",
-                 "avg_cost_usd", "baseline_cost_usd", "savings_pct", "p50_latency_ms", "p95_latency_ms"]
-
-
-def stats_table(rows: list[dict[str, Any]]) -> Table:  # Any: view rows
-    """escalation_stats with one column per task type (it stays readable in 80 columns)."""
-    table = Table(title="escalation_stats")
-    table.add_column("")
-    for row in rows:
-        table.add_column(str(row["task_type"]), justify="right")
-    for col in STATS_COLUMNS:
-        table.add_row(col, *[_cell(row.get(col)) for row in rows])
-    return table
-
-
-def _cell(value: Any) -> str:  # Any: a SQL value
-    if value is None:
-        return "-"
-    if isinstance(value, float) or hasattr(value, "quantize"):
-        return f"{float(value):.4g}" if abs(float(value)) < 1 else f"{float(value):.1f}"
-    return str(value)
+    else:
+        console().print(stats_table(rows))
+    if left_out:
+        err.print(f"note: {left_out} batches of `cascade eval` left out (--include-eval counts them)",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -276,14 +311,14 @@ def sweep(
     from cascade.store import database_errors
     from cascade.sweeper import sweep as run_sweep
 
-    client = _client()
+    client = make_client()
     settings = client.settings
     stalled_after_s = settings.stalled_after_s if stalled_after is None else stalled_after
     dead_after_s = settings.worker_dead_after_s if dead_after is None else dead_after
     retried: tuple[type[Exception], ...] = (*database_errors(), OSError, *broker_errors())
     while True:
         try:
-            report = _guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after_s,
+            report = guard(lambda: run_sweep(client.engine, client.publisher, stalled_after_s=stalled_after_s,
                                               dead_after_s=dead_after_s, jobs_per_message=settings.jobs_per_message))
         except retried as exc:
             if every is None:
@@ -309,7 +344,7 @@ def sim(
     """An OpenAI-compatible model server for dry runs, demos and tests (no keys, no cost)."""
     from cascade import sim as sim_module
 
-    _guard(lambda: sim_module.serve(host=host, port=port, config_path=str(sim_config) if sim_config else None,
+    guard(lambda: sim_module.serve(host=host, port=port, config_path=str(sim_config) if sim_config else None,
                                     seed=seed, replay=str(replay) if replay else None))
 
 
@@ -339,13 +374,13 @@ def _tier_progress(client: Client, batch_ids: list[str]) -> None:
 
 
 def _print_summary(rows: list[dict[str, Any]], flower: str, psql: str | None, elapsed: float) -> None:
-    out = Console()
+    out = console()
     out.print(stats_table(rows))
     cost = sum(float(r["avg_cost_usd"] or 0) * r["finished"] for r in rows)
     baseline = sum(float(r["baseline_cost_usd"] or 0) * r["finished"] for r in rows)
     if baseline:
-        out.print(f"cost ${cost:.4f} vs ${baseline:.4f} for the top tier alone on the same rows: "
-                  f"{100 * (1 - cost / baseline):.1f}% saved")
+        out.print(f"cost {money(cost)} vs {money(baseline)} for the top tier alone on the same rows: "
+                  f"{100 * (1 - cost / baseline):.1f}% saved", highlight=False)
     out.print(f"finished in {elapsed:.1f} s; Flower ran at {flower}")
     if psql:
         out.print("query the embedded database (it stays up until `cascade dev --stop`):")
@@ -368,11 +403,11 @@ def demo(
     with _running_stack(settings) as stack:
         err.print(f"Flower: {stack.flower_url} (basic auth {stack.flower_auth}); logs in {stack.log_dir}")
         client = Client(stack.settings.model_copy(update={"config": stack.config_path}))
-        ids = [_guard(lambda t=task, f=file, k=key: client.submit(t, DEMO_DATA / f, key_field=k)).batch_id  # type: ignore[misc]
+        ids = [guard(lambda t=task, f=file, k=key: client.submit(t, DEMO_DATA / f, key_field=k)).batch_id  # type: ignore[misc]
                for task, (file, key) in DEMO_BATCHES.items()]
         err.print(f"submitted {len(ids)} batches: {', '.join(ids)}")
         _tier_progress(client, ids)
-        rows = client.stats()
+        rows = client.stats(batch_ids=ids)  # this run's batches only, not those of an earlier demo
         # The run completed: leave Postgres up for the printed psql command (with --keep, Ctrl-C ends it all).
         stack.keep_services = not keep
         if as_json:
@@ -388,8 +423,12 @@ def demo(
 def _stay_up(stack: Any) -> None:  # Any: cascade.stack.DevStack (imported lazily)
     err.print("the stack is up; in another shell:")
     typer.echo(stack.exports())
-    err.print(f"sim (OpenAI-compatible): {stack.sim_url}\nFlower: {stack.flower_url} ({stack.flower_auth})\n"
-              "Ctrl-C stops everything.")
+    err.print(f"sim (OpenAI-compatible): {stack.sim_url} simulating {stack.sim_config}\n"
+              f"Flower: {stack.flower_url} ({stack.flower_auth})", markup=False, highlight=False, soft_wrap=True)
+    if stack.psql_command:
+        # Not psql "$CASCADE_DATABASE_URL": that is an SQLAlchemy URL (postgresql+psycopg://), which libpq refuses.
+        err.print(f"psql: {stack.psql_command}", markup=False, highlight=False, soft_wrap=True)
+    err.print("Ctrl-C stops everything.")
     try:
         while True:
             time.sleep(1)
@@ -401,8 +440,13 @@ def _stay_up(stack: Any) -> None:  # Any: cascade.stack.DevStack (imported lazil
 def dev(
     data_dir: DataDirOpt = None,
     stop: Annotated[bool, typer.Option("--stop", help="Stop embedded services a demo left up, then exit.")] = False,
+    sim_port: Annotated[int, typer.Option(
+        help="The sim's port, fixed so that cascade.yaml's base_url stays valid (0: any free port).")] = 0,
+    sim_config: Annotated[Path | None, typer.Option(
+        help="Simulated models (YAML, as `cascade sim --config`; default: the demo's).")] = None,
 ) -> None:
-    """Start embedded Postgres and Redis, the sim, workers and Flower; print the env vars; stay up until Ctrl-C."""
+    """Start embedded Postgres and Redis, the sim, workers and Flower; print the env vars, the sim's URL and a
+    psql command; stay up until Ctrl-C."""
     from cascade.embedded import stop_embedded
 
     settings = load_settings(data_dir=data_dir)
@@ -410,7 +454,7 @@ def dev(
         stopped = stop_embedded(settings.data_dir.resolve() / "services")
         err.print("embedded services stopped" if stopped else "no embedded services were running")
         return
-    with _running_stack(settings) as stack:
+    with _running_stack(settings, sim_port=sim_port, sim_config=sim_config) as stack:
         _stay_up(stack)
 
 

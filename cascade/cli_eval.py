@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -29,7 +29,10 @@ from cascade.sim import Recording, SimServer, load_recordings
 from cascade.store import make_engine
 from cascade.workercmd import worker_command
 
-__all__ = ["eval_command", "open_pipeline", "parse_thresholds", "plot_reports", "report_table"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["eval_command", "open_pipeline", "parse_thresholds", "plot_figure", "plot_reports", "report_table"]
 
 err = Console(stderr=True)
 
@@ -78,8 +81,13 @@ def _target_lines(choice: evaluation.TargetChoice) -> str:
             f"{_pct(h.relative_cost)} (top tier alone there: accuracy {top.accuracy:.3f}, cost {top.cost_usd:.6f})")
 
 
-def plot_reports(reports: Sequence[evaluation.TaskReport], path: Path) -> None:
-    """A PNG of cost against accuracy: each task type's thresholds as a line, each tier alone as a marker."""
+#: one marker per tier-alone point, in tier order (the top tier alone is always the star)
+TIER_MARKERS = ("s", "^", "D", "v", "P", "X", "h", "<", ">")
+
+
+def plot_figure(reports: Sequence[evaluation.TaskReport]) -> Figure:
+    """Cost against accuracy: each task type's thresholds as a line, each tier alone as a marker of its own;
+    the title names the task types and their row counts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,16 +100,31 @@ def plot_reports(reports: Sequence[evaluation.TaskReport], path: Path) -> None:
         (line,) = ax.plot(xs, ys, "o-", label=f"{report.task_type}: cascade by threshold")
         for run, x, y in zip(runs, xs, ys, strict=True):
             ax.annotate(f"τ={run.plan.threshold}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-        for run in report.runs:
-            if run.plan.kind == "tier":
-                top = run is report.top
-                ax.plot(float(run.metrics.cost_usd), run.metrics.accuracy, "*" if top else "s",
-                        color=line.get_color(), markersize=12 if top else 7, label=f"{report.task_type}: {run.plan.label}")
+        tiers = [run for run in report.runs if run.plan.kind == "tier"]
+        for k, run in enumerate(tiers):
+            top = run is report.top
+            ax.plot(float(run.metrics.cost_usd), run.metrics.accuracy, "*" if top else TIER_MARKERS[k % 9],
+                    linestyle="none", color=line.get_color(), markersize=12 if top else 7,
+                    label=f"{report.task_type}: {run.plan.label}")
+    ax.set_title("; ".join(f"{r.task_type} on {Path(r.dataset).name}: {_rows(r)} rows" for r in reports),
+                 fontsize=10)
     ax.set_xlabel("cost (USD)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def _rows(report: evaluation.TaskReport) -> int:
+    return max((run.metrics.rows for run in report.runs), default=0)
+
+
+def plot_reports(reports: Sequence[evaluation.TaskReport], path: Path) -> None:
+    """Write ``plot_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(reports)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -102,11 +103,12 @@ class Client:
         key_field: str | None = None,
         idempotency_key: str | None = None,
         rejects_path: Path | None = None,
+        on_committed: Callable[[str], None] | None = None,
     ) -> producer.SubmitResult:
         """Submit rows (dicts, or a JSONL/CSV file path) as one batch; see ``producer.submit_rows``."""
         snap = self.config.snapshot(task_type)
         kw: dict[str, Any] = {"key_field": key_field, "idempotency_key": idempotency_key,  # Any: keyword args
-                              "rejects_path": rejects_path}
+                              "rejects_path": rejects_path, "on_committed": on_committed}
         if isinstance(rows, str | Path):
             path = Path(rows)
             kind = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
@@ -120,8 +122,23 @@ class Client:
         numbered = ((i, row) for i, row in enumerate(rows, start=1))
         return producer.submit_rows(self.engine, self.publisher, snap, numbered, **kw)
 
+    def resolve(self, batch_id: str) -> str:
+        """The whole id of the batch ``batch_id`` names: that id, or a unique prefix of one (git style).
+        InputError if no batch matches, or several do (the message names some)."""
+        with self.engine.connect() as conn:
+            found = store.match_batch_ids(conn, batch_id) if batch_id else []
+        if found and (found[0] == batch_id or len(found) == 1):
+            return found[0]
+        if not found:
+            raise InputError(f"no batch {batch_id!r}")
+        more = ", …" if len(found) > 5 else ""
+        raise InputError(f"batch id prefix {batch_id!r} is ambiguous: {', '.join(found[:5])}{more} "
+                         "(give more characters)")
+
     def status(self, batch_id: str) -> BatchStatus:
-        """Counts of the batch's jobs by status and tier. InputError if the batch does not exist."""
+        """Counts of the batch's jobs by status and tier; ``batch_id`` may be a unique prefix. InputError if the
+        batch does not exist."""
+        batch_id = self.resolve(batch_id)
         with self.engine.connect() as conn:
             batch = store.batch_rows(conn, batch_id)
             if batch is None:
@@ -139,6 +156,12 @@ class Client:
         task_type, size = batch
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes)
 
+    def jobs_by_stage(self, batch_id: str) -> list[tuple[int, str, str, int]]:
+        """(tier, stage, status, count) of a batch's jobs: where each job is in the cascade right now."""
+        batch_id = self.resolve(batch_id)
+        with self.engine.connect() as conn:
+            return store.count_jobs_by_stage(conn, batch_id)
+
     def wait(
         self,
         batch_id: str,
@@ -150,6 +173,7 @@ class Client:
         """Poll until every job is finished, the batch is halted (``halted`` says why: nothing more happens
         until ``resume``), or ``timeout`` seconds passed; returns the last status."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        batch_id = self.resolve(batch_id)
         while True:
             state = self.status(batch_id)
             if on_progress:
@@ -161,6 +185,7 @@ class Client:
     def resume(self, batch_id: str) -> int:
         """Resume a halted batch (after fixing what halted it: the key on the workers, the model's config):
         its queued jobs are published again. Returns how many. InputError if the batch does not exist."""
+        batch_id = self.resolve(batch_id)
         with self.engine.begin() as conn:
             due = store.resume_batch(conn, batch_id)
         if due is None:
@@ -170,16 +195,32 @@ class Client:
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:  # Any: JSON rows
         """One dict per input row, in input order: key, status, tier, output, cost_usd, error."""
-        self.status(batch_id)
+        batch_id = self.resolve(batch_id)
         with self.engine.connect() as conn:
             for row in store.job_results(conn, batch_id):
                 yield {"key": row.key, "status": row.status, "tier": row.tier, "output": row.output,
                        "cost_usd": str(row.cost_usd), "error": row.error}
 
-    def stats(self, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
-        """Rows of the ``escalation_stats`` view (one per task type)."""
+    def stats(
+        self,
+        task_type: str | None = None,
+        *,
+        batch_ids: list[str] | None = None,
+        since: datetime | None = None,
+        include_eval: bool = True,
+    ) -> list[dict[str, Any]]:  # Any: view rows
+        """Rows of the ``escalation_stats`` view (one per task type), or the same columns over the jobs of
+        ``batch_ids`` (unique prefixes allowed), of batches submitted since ``since``, and without
+        ``cascade eval``'s batches unless ``include_eval``."""
+        ids = None if batch_ids is None else [self.resolve(b) for b in batch_ids]
         with self.engine.connect() as conn:
-            return store.escalation_stats(conn, task_type)
+            return store.escalation_stats_of(conn, task_type=task_type, batch_ids=ids, since=since,
+                                             include_eval=include_eval)
+
+    def eval_batches(self) -> int:
+        """How many batches ``cascade eval`` submitted (``stats(include_eval=False)`` leaves them out)."""
+        with self.engine.connect() as conn:
+            return store.count_eval_batches(conn)
 
     def close(self) -> None:
         if self._engine is not None:

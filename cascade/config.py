@@ -283,7 +283,9 @@ def _check_references(config: CascadeConfig, file: str) -> None:
         for j, tier in enumerate(task.tiers):
             name = tier if isinstance(tier, str) else tier.model
             if name not in models:
-                raise ConfigError(f"unknown model {name!r}", file=file, path=f"task_types[{i}].tiers[{j}]")
+                known = ", ".join(sorted(models)) or "none"
+                raise ConfigError(f"unknown model {name!r} (known: {known})", file=file,
+                                  path=f"task_types[{i}].tiers[{j}]")
         for path, text in _templates(task):
             try:
                 template_fields(text)

@@ -14,7 +14,9 @@
      │   └─ ProviderNUnsupported   a 400 refusing n > 1: ask again with one request per sample
      ├─ IllegalTransition  a job move that store.TRANSITIONS does not allow (a bug in the caller)
      ├─ IdempotencyConflict the same idempotency key came with other content
-     └─ IdempotencyKeyTaken a concurrent submit took the idempotency key first (store.insert_batch)
+     ├─ IdempotencyKeyTaken a concurrent submit took the idempotency key first (store.insert_batch)
+     └─ ServiceUnreachable Postgres or the broker did not answer: service, host (never a password), batch_id
+                           of a batch that was committed but not published (the sweeper publishes it)
 
 Database errors that mean something (a taken key, a duplicate row) become these in ``cascade.store``, once.
 
@@ -38,6 +40,7 @@ __all__ = [
     "ProviderRateLimited",
     "ProviderTimeout",
     "ProviderUnavailable",
+    "ServiceUnreachable",
 ]
 
 
@@ -177,3 +180,22 @@ class IdempotencyKeyTaken(CascadeError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(f"idempotency key {key!r} is already held by another batch")
+
+
+class ServiceUnreachable(CascadeError):
+    """Postgres or the broker could not be reached. ``host`` is where it was looked for (``host:port`` or a
+    socket path, never a password); ``batch_id`` names a batch that was committed before the broker failed:
+    its jobs wait in Postgres and the sweeper publishes them once the broker answers again."""
+
+    def __init__(self, service: str, *, host: str = "", detail: str = "", batch_id: str | None = None) -> None:
+        self.service = service
+        self.host = host
+        self.detail = detail
+        self.batch_id = batch_id
+        where = f" at {host}" if host else ""
+        why = f" ({detail})" if detail else ""
+        message = f"cannot reach the {service}{where}{why}"
+        if batch_id:
+            message += (f"; batch {batch_id} is committed and `cascade sweep` will publish its jobs once the "
+                        f"{service} is back: do not submit it again")
+        super().__init__(message)

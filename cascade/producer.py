@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -21,8 +21,8 @@ from sqlalchemy import Engine
 
 from cascade import store
 from cascade.config import CascadeConfig, TaskSnapshot, template_fields
-from cascade.errors import DuplicateKey, IdempotencyConflict, IdempotencyKeyTaken, InputError
-from cascade.publish import Publisher
+from cascade.errors import DuplicateKey, IdempotencyConflict, IdempotencyKeyTaken, InputError, ServiceUnreachable
+from cascade.publish import Publisher, broker_errors
 from cascade.rows import MAX_ROW_BYTES, Row, UnreadableRow, encode_row, kind_of, read_rows
 from cascade.store import Stage
 
@@ -195,12 +195,15 @@ def submit_rows(
     key_field: str | None = None,
     idempotency_key: str | None = None,
     rejects_path: Path | None = None,
+    on_committed: Callable[[str], None] | None = None,
 ) -> SubmitResult:
     """Insert a batch whole (or not at all), then publish its jobs to tier 1.
 
     Raises InputError (naming source, line and field) for a bad row unless ``rejects_path`` is given,
     in which case bad rows are written there (line, field, reason, row) and the rest is submitted;
-    IdempotencyConflict when the key names a batch with other content.
+    IdempotencyConflict when the key names a batch with other content; ServiceUnreachable with the
+    ``batch_id`` when the batch was committed but the broker did not take its messages. ``on_committed``
+    is called with the new batch's id right after the commit, before publishing.
     """
     batch_id = uuid.uuid4().hex
     rejects = _Rejects(rejects_path)
@@ -217,8 +220,18 @@ def submit_rows(
             raise
     finally:
         rejects.close()
-    publish_batch(engine, publisher, batch_id)
+    if on_committed:
+        on_committed(batch_id)
+    try:
+        publish_batch(engine, publisher, batch_id)
+    except broker_errors() as exc:
+        # Committed but not sent: the jobs are queued in Postgres, and the sweeper finds their messages missing.
+        raise ServiceUnreachable("broker", detail=_first_line(exc), batch_id=batch_id) from exc
     return SubmitResult(batch_id, count, rejects.count, True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _same_batch(key: str, found: tuple[str, str], accepted: _Accepted) -> SubmitResult:

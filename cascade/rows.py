@@ -18,7 +18,7 @@ from typing import IO, Any, Literal
 
 from cascade.errors import InputError
 
-__all__ = ["MAX_ROW_BYTES", "Parsed", "Row", "UnreadableRow", "encode_row", "kind_of", "read_rows"]
+__all__ = ["MAX_ROW_BYTES", "Parsed", "Row", "UnreadableRow", "encode_row", "kind_of", "read_rows", "sniff_format"]
 
 MAX_ROW_BYTES = 1_000_000
 Row = dict[str, Any]  # Any: a user's row
@@ -203,6 +203,14 @@ def read_rows(stream: IO[bytes], fmt: Literal["jsonl", "csv"], source: str) -> I
     row; an ``InputError`` is raised only when the rest of the stream cannot be read reliably.
     """
     return _csv(stream, source) if fmt == "csv" else _jsonl(stream, source)
+
+
+def sniff_format(head: bytes) -> Literal["jsonl", "csv"]:
+    """Guess the format of a stream without a file name from its first bytes: a first line that is not a
+    JSON object but holds a comma is a CSV header; anything else is read as JSONL (and its errors say so)."""
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+    first = text.split(b"\n", 1)[0]
+    return "csv" if first and not first.startswith((b"{", b"[")) and b"," in first else "jsonl"
 
 
 # --- the JSON text stored in jobs.input ----------------------------------------------------------

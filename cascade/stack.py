@@ -86,6 +86,7 @@ class DevStack:
     settings: CascadeSettings
     config_path: Path
     sim_url: str
+    sim_config: Path
     flower_url: str
     flower_auth: str
     psql_command: str | None
@@ -165,13 +166,23 @@ def scratch_services(database_url: str | None, broker_url: str | None, *, prefix
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _sim_server(config: SimConfig, port: int) -> SimServer:
+    try:
+        return SimServer(config, port=port)
+    except OSError as exc:
+        raise StackError(f"the sim cannot listen on port {port}: {exc.strerror}") from None
+
+
 @contextmanager
-def run_stack(settings: CascadeSettings, *, concurrency: int = 64) -> Iterator[DevStack]:
+def run_stack(settings: CascadeSettings, *, concurrency: int = 64, sim_port: int = 0,
+              sim_config: Path | None = None) -> Iterator[DevStack]:
     """Embedded services (unless URLs are set), migrations, the sim, one worker for all queues and Flower.
 
-    Everything started here is stopped when the block exits (Ctrl-C included), except the embedded Postgres
-    and Redis when the block set ``keep_services`` on the yielded DevStack. StackError (after stopping what
-    it started) if Flower does not come up.
+    The sim listens on ``sim_port`` (0: any free port) and simulates the models of ``sim_config`` (default: the
+    demo's sim.yaml). Everything started here is stopped when the block exits (Ctrl-C included), except the
+    embedded Postgres and Redis when the block set ``keep_services`` on the yielded DevStack. StackError (after
+    stopping what it started) if the sim's port is taken or Flower does not come up; ConfigError for a bad
+    ``sim_config``.
     """
     data_dir = settings.data_dir.resolve()
     log_dir = data_dir / "logs"
@@ -185,7 +196,8 @@ def run_stack(settings: CascadeSettings, *, concurrency: int = 64) -> Iterator[D
         engine = make_engine(settings.database_url, schema=settings.db_schema)
         upgrade(engine)
         engine.dispose()
-        sim = stack.enter_context(SimServer(SimConfig.load(DEMO_DATA / "sim.yaml")))
+        sim_path = (sim_config or DEMO_DATA / "sim.yaml").resolve()
+        sim = stack.enter_context(_sim_server(SimConfig.load(sim_path), sim_port))
         config_path = data_dir / "cascade.yaml"
         config_path.write_text((DEMO_DATA / "cascade.yaml").read_text().replace("${SIM_URL}", sim.url))
         load_config(config_path)
@@ -204,5 +216,5 @@ def run_stack(settings: CascadeSettings, *, concurrency: int = 64) -> Iterator[D
         # Announced only once it answers: the demo prints this URL as Flower's.
         _wait_http(f"{flower}/healthcheck", 30, proc=flower_proc, log=flower_log)
         psql = services.psql_command if services else None
-        holder.append(DevStack(settings, config_path, sim.url, flower, auth, psql, log_dir))
+        holder.append(DevStack(settings, config_path, sim.url, sim_path, flower, auth, psql, log_dir))
         yield holder[0]

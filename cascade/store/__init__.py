@@ -35,12 +35,14 @@ from cascade.store.batches import (
     copy_jobs,
     count_finished,
     count_jobs,
+    count_jobs_by_stage,
     count_jobs_by_tier,
     finish_batch,
     halt_batch,
     halt_reason,
     insert_batch,
     job_results,
+    match_batch_ids,
     max_tiers,
     models_ignoring_n,
     queued_calls,
@@ -48,7 +50,7 @@ from cascade.store.batches import (
 )
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
-from cascade.store.reports import escalation_stats, record_eval_run
+from cascade.store.reports import count_eval_batches, escalation_stats, escalation_stats_of, record_eval_run
 from cascade.store.sweep import (
     forget_workers,
     release_sweep_lock,
@@ -79,12 +81,15 @@ __all__ = [
     "batch_rows",
     "claim",
     "copy_jobs",
+    "count_eval_batches",
     "count_finished",
     "count_jobs",
+    "count_jobs_by_stage",
     "count_jobs_by_tier",
     "database_errors",
     "end_attempts",
     "escalation_stats",
+    "escalation_stats_of",
     "finish_batch",
     "forget_workers",
     "halt_batch",
@@ -92,6 +97,7 @@ __all__ = [
     "insert_batch",
     "job_results",
     "make_engine",
+    "match_batch_ids",
     "max_tiers",
     "models_ignoring_n",
     "move_many",

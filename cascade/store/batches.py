@@ -29,12 +29,14 @@ __all__ = [
     "copy_jobs",
     "count_finished",
     "count_jobs",
+    "count_jobs_by_stage",
     "count_jobs_by_tier",
     "finish_batch",
     "halt_batch",
     "halt_reason",
     "insert_batch",
     "job_results",
+    "match_batch_ids",
     "max_tiers",
     "models_ignoring_n",
     "queued_calls",
@@ -192,6 +194,16 @@ def resume_batch(conn: Connection, batch_id: str) -> list[tuple[int, int, Stage]
 # --- reading -------------------------------------------------------------------------------------
 
 
+_PREFIX = text("SELECT id FROM batches WHERE id = :p UNION ALL "
+               "(SELECT id FROM batches WHERE id LIKE :like ESCAPE '\\' AND id <> :p ORDER BY id LIMIT :n)")
+
+
+def match_batch_ids(conn: Connection, prefix: str, limit: int = 5) -> list[str]:
+    """Batch ids equal to ``prefix`` (first) or starting with it, at most ``limit`` + 1 of them."""
+    like = re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+    return [r.id for r in conn.execute(_PREFIX, {"p": prefix, "like": like, "n": limit})]
+
+
 def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int] | None:
     """(task type, row count) of a batch; None if there is no such batch."""
     row = conn.execute(text("SELECT task_type, rows FROM batches WHERE id = :b"), {"b": batch_id}).first()
@@ -204,6 +216,15 @@ _COUNT_JOBS = text("SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE
 def count_jobs(conn: Connection, batch_id: str) -> list[tuple[str, int, int, Decimal | None]]:
     """A batch's jobs per (status, tier): (status, tier, count, total cost)."""
     return [(status, tier, n, cost) for status, tier, n, cost in conn.execute(_COUNT_JOBS, {"b": batch_id})]
+
+
+_BY_STAGE = text("SELECT tier, stage, status, count(*) FROM jobs WHERE batch_id = :b GROUP BY tier, stage, status "
+                 "ORDER BY tier, stage, status")
+
+
+def count_jobs_by_stage(conn: Connection, batch_id: str) -> list[tuple[int, str, str, int]]:
+    """A batch's jobs per (tier, stage, status): (tier, stage, status, count)."""
+    return [(tier, stage, status, n) for tier, stage, status, n in conn.execute(_BY_STAGE, {"b": batch_id})]
 
 
 _BY_TIER = text("SELECT tier, status, count(*) FROM jobs WHERE batch_id = ANY(:ids) GROUP BY tier, status")

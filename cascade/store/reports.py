@@ -1,18 +1,55 @@
-"""Reports: the ``escalation_stats`` view and the evaluation tables (``eval_runs``, ``eval_results``)."""
+"""Reports: the ``escalation_stats`` view (or its query over some batches) and the evaluation tables
+(``eval_runs``, ``eval_results``)."""
 
 from __future__ import annotations
 
+import importlib
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
 
-__all__ = ["escalation_stats", "record_eval_run"]
+__all__ = ["count_eval_batches", "escalation_stats", "escalation_stats_of", "record_eval_run"]
+
+# A batch `cascade eval` submitted (its source says so from the start; eval_runs names it once it is done).
+_IS_EVAL = ("(b.source LIKE 'cascade eval %' OR EXISTS (SELECT 1 FROM eval_runs e WHERE e.batch_id = b.id))")
 
 
 def escalation_stats(conn: Connection, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
     """Rows of the ``escalation_stats`` view (one per task type), by task type; only ``task_type``'s if given."""
     sql = "SELECT * FROM escalation_stats" + (" WHERE task_type = :t" if task_type else "") + " ORDER BY task_type"
     return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
+
+
+def escalation_stats_of(
+    conn: Connection,
+    *,
+    task_type: str | None = None,
+    batch_ids: list[str] | None = None,
+    since: datetime | None = None,
+    include_eval: bool = True,
+) -> list[dict[str, Any]]:  # Any: view rows
+    """The ``escalation_stats`` columns over some jobs only: those of ``batch_ids``, of batches submitted at or
+    after ``since``, and without the batches of ``cascade eval`` unless ``include_eval``. Without a filter this is
+    the view itself (kept by triggers); with one, the view's original query runs over the jobs that pass."""
+    where = {"j.task_type = :t": task_type is not None, "j.batch_id = ANY(:ids)": batch_ids is not None,
+             "b.created_at >= :since": since is not None, f"NOT {_IS_EVAL}": not include_eval}
+    chosen = [cond for cond, wanted in where.items() if wanted]
+    if not chosen:
+        return escalation_stats(conn, task_type)
+    # Migration 0004 keeps the SELECT of 0002's view, which it must equal: the same numbers, filtered.
+    query: str = importlib.import_module("migrations.versions.0004_stats_summary").QUERY_0002
+    end = ") a ON true\n)"
+    if query.count(end) != 1:
+        raise RuntimeError("the per_job CTE of migration 0002's escalation_stats is not where it was")
+    query = query.replace(end, ") a ON true\n    WHERE " + " AND ".join(chosen) + "\n)") + " ORDER BY task_type"
+    params = {"t": task_type, "ids": batch_ids, "since": since}
+    return [dict(r._mapping) for r in conn.execute(text(query), params)]
+
+
+def count_eval_batches(conn: Connection) -> int:
+    """How many batches ``cascade eval`` submitted."""
+    return int(conn.execute(text(f"SELECT count(*) FROM batches b WHERE {_IS_EVAL}")).scalar_one())
 
 
 _RUN = text("""

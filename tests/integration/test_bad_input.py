@@ -192,7 +192,7 @@ def test_fields_of_a_tier_variant_are_required(env, sim_url):
 
 
 BAD_CONFIGS = {
-    "unknown_model": (CONFIG.replace("{tier2}", "larg"), ["cascade.yaml: task_types[0].tiers[1]: unknown model 'larg'"]),
+    "unknown_model": (CONFIG.replace("{tier2}", "larg"), ["cascade.yaml: task_types[0].tiers[1]: unknown model 'larg' (known: large, small)"]),
     "bad_schema": (CONFIG + "    max_tokens: many\n", ["cascade.yaml: task_types[0].max_tokens: Input should be"]),
     "unknown_key": (CONFIG + "    retries: 3\n", ["cascade.yaml: task_types[0].retries: Extra inputs"]),
 }
@@ -235,6 +235,19 @@ def test_bom_jsonl_from_stdin(env, cli):
     # Then the BOM is dropped, not an error, and both rows are queued (keys are line numbers)
     _assert_submitted(env, proc, ["1", "2"])
     assert env.rows("SELECT input FROM jobs ORDER BY id")[0][0] == GOOD[0]
+
+
+def test_csv_on_stdin_is_detected(env, cli):
+    # Given a CSV export piped in without --format (`cat x.csv | cascade submit classify -`)
+    data = b"id,text\nt-1,printer\nt-2,vpn\n"
+    # When it is submitted as `-`
+    proc = cli("classify", "-", "--key-field", "id", input=data)
+    # Then it is read as CSV, and stderr says so
+    _assert_submitted(env, proc, ["t-1", "t-2"])
+    assert "reading <stdin> as CSV" in proc.stderr
+    # And --format jsonl still insists on JSONL
+    insisted = cli("classify", "-", "--format", "jsonl", input=data)
+    assert insisted.returncode == 2 and "<stdin>:1: malformed JSON" in insisted.stderr
 
 
 def test_csv_with_bom_and_key_field(env, cli, tmp_path):

@@ -11,11 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from cascade.embedded import start_embedded, stop_embedded
-from cascade.stack import DEMO_DATA
+from cascade.stack import DEMO_DATA, free_port
 from tests.conftest import ROOT, wait_for
 from tests.integration.test_demo import _leftovers
 
@@ -91,3 +92,40 @@ def test_dev_stop_stops_running_services_and_warns_nothing(tmp_path):
         assert not _leftovers(stack.data_dir, set())
     finally:
         stop_embedded(data_dir / "services")
+
+
+def test_dev_takes_a_sim_port_and_config_and_prints_a_working_psql(tmp_path):
+    # Given a sim config of the user's own models and a port to keep across restarts
+    data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
+    sim_yaml = tmp_path / "sim.yaml"
+    sim_yaml.write_text("seed: 1\nmodels:\n  mine: {p_correct: 1.0}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    log = (tmp_path / "dev.err").open("w")
+    dev = subprocess.Popen([sys.executable, "-m", "cascade.cli", "dev", "--data-dir", str(data_dir), "--sim-port",
+                            str(port), "--sim-config", str(sim_yaml)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=log, text=True)
+    try:
+        # When it is up
+        wait_for(lambda: "Ctrl-C stops everything" in (tmp_path / "dev.err").read_text(), 90, "cascade dev to be up")
+        said = (tmp_path / "dev.err").read_text()
+        # Then it names the sim's URL on that port and its config
+        assert f"sim (OpenAI-compatible): http://127.0.0.1:{port}/v1 simulating {sim_yaml}" in said
+        # And the sim serves that config: an unknown model is a 404 naming the user's model
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                            json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 404 and "mine" in answer.text
+        # And the psql command it prints works as printed
+        (psql,) = [line.removeprefix("psql: ") for line in said.splitlines() if line.startswith("psql: ")]
+        queried = subprocess.run(f"{psql} -tAc 'SELECT count(*) FROM batches'", shell=True, capture_output=True,
+                                 text=True, timeout=30, check=False)
+        assert queried.returncode == 0 and queried.stdout.strip() == "0", queried.stderr
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(60)
+        finally:
+            if dev.poll() is None:
+                dev.kill()
+            log.close()
+            stop_embedded(data_dir / "services")

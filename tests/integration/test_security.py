@@ -198,7 +198,7 @@ def _as_reader(env, sql):
 
 DENIED = [
     "SELECT * FROM jobs", "SELECT * FROM attempts", "SELECT * FROM batches", "SELECT * FROM validations",
-    "SELECT * FROM alembic_version",
+    "SELECT * FROM alembic_version", "SELECT * FROM workers",
     "INSERT INTO batches (id, task_type, config, config_hash) VALUES ('x', 't', '{}', 'h')",
     "UPDATE jobs SET status = 'failed'", "DELETE FROM attempts",
     "INSERT INTO escalation_stats (task_type) VALUES ('x')",

@@ -419,3 +419,21 @@ def test_triggers_use_their_schema_whatever_the_callers_search_path(env, schemas
     with other.connect() as conn:
         assert conn.execute(text("SELECT (SELECT count(*) FROM escalation_summary) + "
                                  "(SELECT count(*) FROM job_outcomes)")).scalar_one() == 0
+
+
+def test_the_pretty_view_rounds_the_exact_one_for_people(env):
+    # Given seeded jobs, some finished
+    _execute(env, *SEED)
+    # When both views are read
+    exact = {r.task_type: r for r in env.rows("SELECT * FROM escalation_stats")}
+    pretty = {r.task_type: r for r in env.rows("SELECT * FROM escalation_stats_pretty")}
+    # Then the pretty one has the same rows, rates as percentages with one decimal, money to six decimals
+    assert pretty.keys() == exact.keys() and pretty
+    for task_type, row in pretty.items():
+        e = exact[task_type]
+        assert (row.jobs, row.finished, row.succeeded, row.failed) == (e.jobs, e.finished, e.succeeded, e.failed)
+        assert row.escalation_pct == round(100 * e.escalation_rate, 1)
+        assert row.avg_cost_usd == round(e.avg_cost_usd, 6) and row.avg_cost_usd.as_tuple().exponent == -6
+        assert row.p95_latency_ms == round(e.p95_latency_ms)
+    # And cascade_reader may read it
+    assert len(_as_reader(env, "SELECT * FROM escalation_stats_pretty")) == len(pretty)

@@ -174,7 +174,7 @@ def test_unknown_model_message_is_exact() -> None:
     err = config_error(data)
 
     # Then the message names the file, the dotted path and the model, exactly as DESIGN.md shows
-    assert str(err) == "cascade.yaml: task_types[0].tiers[2]: unknown model 'larg'"
+    assert str(err) == "cascade.yaml: task_types[0].tiers[2]: unknown model 'larg' (known: large, medium, small)"
     assert (err.file, err.path) == ("cascade.yaml", "task_types[0].tiers[2]")
 
 
@@ -188,7 +188,7 @@ def test_unknown_model_as_a_plain_name(tmp_path: Path, monkeypatch: pytest.Monke
         load_config("cascade.yaml")
 
     # Then the message is the same
-    assert str(info.value) == "cascade.yaml: task_types[0].tiers[2]: unknown model 'larg'"
+    assert str(info.value) == "cascade.yaml: task_types[0].tiers[2]: unknown model 'larg' (known: large, medium, small)"
 
 
 def _set(path: tuple[str | int, ...], value: Any) -> Callable[[dict[str, Any]], None]:
