@@ -48,7 +48,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -249,9 +248,7 @@ def _settle_postgres(pgdata: Path) -> None:
     """Wait until a postmaster left by an earlier start is ready or gone; then clear what a dead one left."""
     deadline = time.monotonic() + _START_TIMEOUT
     while _find_processes("postgres", pgdata, by_cwd=False):
-        # "ready" in the pid file is not enough: a postmaster just sent SIGKILL still runs for a moment and
-        # its file still says ready. Only a server whose socket accepts a connection is reused.
-        if _postmaster_status(pgdata) == "ready" and _postmaster_answers(pgdata):
+        if _postmaster_status(pgdata) == "ready":
             return
         if time.monotonic() > deadline:
             raise EmbeddedStackError(f"{pgdata}: a PostgreSQL server is running but not ready; see {pgdata / 'log'}")
@@ -265,21 +262,6 @@ def _settle_postgres(pgdata: Path) -> None:
     for lock_file in [pgdata / "postmaster.pid", *pgdata.glob(".s.PGSQL.*.lock")]:
         if _recorded_pid_is_alive(lock_file):
             lock_file.unlink()
-
-
-def _postmaster_answers(pgdata: Path) -> bool:
-    """Whether the unix socket that postmaster.pid names accepts a connection."""
-    lines = _read_lines(pgdata / "postmaster.pid")
-    if len(lines) < 5 or not lines[3].strip().isdigit():
-        return False
-    path = Path(lines[4].strip() or "/tmp") / f".s.PGSQL.{lines[3].strip()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _postmaster_status(pgdata: Path) -> str:

@@ -20,6 +20,7 @@ import redis
 import sqlalchemy
 
 from cascade.embedded import EmbeddedStack, start_embedded, stop_embedded
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -87,8 +88,26 @@ def _server_processes(data_dir: Path) -> list[psutil.Process]:
 
 
 def _server_pids(data_dir: Path) -> set[int]:
-    """Pids of the postmaster and redis-server: the processes that name data_dir on their command line."""
-    return {p.pid for p in _server_processes(data_dir) if str(data_dir) in " ".join(p.cmdline())}
+    """Pids of the postmaster and redis-server: the processes that name data_dir on their command line. A
+    backend the postmaster has just forked (start_embedded's readiness probe connects) names it too until it
+    sets its own title: it is the postmaster's child, so it is left out."""
+    return {p.pid for p in _server_processes(data_dir)
+            if str(data_dir) in " ".join(p.cmdline()) and not _is_postgres_child(p)}
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _is_postgres_child(process: psutil.Process) -> bool:
+    try:
+        parent = process.parent()
+        return parent is not None and parent.name() == "postgres"
+    except psutil.Error:
+        return False
 
 
 def _assert_serving(stack: EmbeddedStack) -> None:
@@ -198,6 +217,8 @@ def test_start_after_servers_were_killed_clears_stale_state(data_dir: Path) -> N
     old_pids = _server_pids(data_dir)
     for pid in old_pids:
         os.kill(pid, signal.SIGKILL)
+    # (kill returns before the process is gone: until it is, it still looks like a server that runs)
+    wait_for(lambda: all(_is_dead(pid) for pid in old_pids), 10, "the killed servers to die")
 
     # When it is started again at once
     stack = start_embedded(data_dir)
