@@ -176,7 +176,7 @@ def status(
     client = make_client()
     if watch and not as_json:
         _watch(client, batch, every)
-    state = guard(lambda: client.status(batch))
+    state = guard(lambda: client.status(batch, notes=True))
     if as_json:
         typer.echo(json.dumps(state.to_json()))
     else:

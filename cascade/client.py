@@ -135,26 +135,27 @@ class Client:
         raise InputError(f"batch id prefix {batch_id!r} is ambiguous: {', '.join(found[:5])}{more} "
                          "(give more characters)")
 
-    def status(self, batch_id: str) -> BatchStatus:
-        """Counts of the batch's jobs by status and tier; ``batch_id`` may be a unique prefix. InputError if the
-        batch does not exist."""
+    def status(self, batch_id: str, *, notes: bool = False) -> BatchStatus:
+        """Counts of the batch's jobs by status and tier; ``batch_id`` may be a unique prefix. With ``notes``,
+        also what a user should know about how it runs (a read over the batch's requests: not for every poll).
+        InputError if the batch does not exist."""
         batch_id = self.resolve(batch_id)
         with self.engine.connect() as conn:
             batch = store.batch_rows(conn, batch_id)
             if batch is None:
                 raise InputError(f"no batch {batch_id!r}")
             rows = store.count_jobs(conn, batch_id)
-            halted = store.halt_reason(conn, batch_id)
-            notes = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
-                     "cascade.yaml to skip the first try)" for model in store.models_ignoring_n(conn, batch_id)]
+            ignoring_n = store.models_ignoring_n(conn, batch_id) if notes else []
+        notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
+                  "cascade.yaml to skip the first try)" for model in ignoring_n]
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
             counts[status] = counts.get(status, 0) + n
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
-        task_type, size = batch
-        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes)
+        task_type, size, halted = batch
+        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_)
 
     def jobs_by_stage(self, batch_id: str) -> list[tuple[int, str, str, int]]:
         """(tier, stage, status, count) of a batch's jobs: where each job is in the cascade right now."""

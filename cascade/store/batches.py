@@ -33,7 +33,6 @@ __all__ = [
     "count_jobs_by_tier",
     "finish_batch",
     "halt_batch",
-    "halt_reason",
     "insert_batch",
     "job_results",
     "match_batch_ids",
@@ -177,12 +176,6 @@ def models_ignoring_n(conn: Connection, batch_id: str) -> list[str]:
     return [model for (model,) in conn.execute(_N_IGNORED, {"b": batch_id})]
 
 
-def halt_reason(conn: Connection, batch_id: str) -> str | None:
-    """Why the batch is halted, or None when it runs."""
-    row = conn.execute(text("SELECT halted_at, halt_reason FROM batches WHERE id = :b"), {"b": batch_id}).first()
-    return None if row is None or row.halted_at is None else str(row.halt_reason or "halted")
-
-
 def resume_batch(conn: Connection, batch_id: str) -> list[tuple[int, int, Stage]] | None:
     """Clear the halt and stamp every queued job of the batch as published now; returns the (job, tier,
     stage)s to publish, or None when there is no such batch."""
@@ -204,10 +197,13 @@ def match_batch_ids(conn: Connection, prefix: str, limit: int = 5) -> list[str]:
     return [r.id for r in conn.execute(_PREFIX, {"p": prefix, "like": like, "n": limit})]
 
 
-def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int] | None:
-    """(task type, row count) of a batch; None if there is no such batch."""
-    row = conn.execute(text("SELECT task_type, rows FROM batches WHERE id = :b"), {"b": batch_id}).first()
-    return None if row is None else (row.task_type, row.rows)
+def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int, str | None] | None:
+    """(task type, row count, why it is halted or None) of a batch; None if there is no such batch."""
+    row = conn.execute(text("SELECT task_type, rows, halted_at, halt_reason FROM batches WHERE id = :b"),
+                       {"b": batch_id}).first()
+    if row is None:
+        return None
+    return row.task_type, row.rows, None if row.halted_at is None else str(row.halt_reason or "halted")
 
 
 _COUNT_JOBS = text("SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE batch_id = :b GROUP BY status, tier")

@@ -122,7 +122,7 @@ def test_a_backend_that_ignores_or_refuses_n_still_gets_k_samples(env, sim, run,
     warnings = [rec for rec in caplog.records if "sent as separate requests" in rec.getMessage()]
     assert len(warnings) == 1 and "'small'" in warnings[0].getMessage()
     # And `cascade status` says so
-    assert [note.split(":")[0] for note in r.client.status(batch).notes] == ["model 'small' ignores n"]
+    assert [note.split(":")[0] for note in r.client.status(batch, notes=True).notes] == ["model 'small' ignores n"]
 
 
 # --- configuration faults halt the batch -----------------------------------------------------------------
