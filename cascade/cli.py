@@ -86,6 +86,8 @@ def submit(
     = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key + same rows = the same batch.")] = None,
     skip_invalid: Annotated[Path | None, typer.Option(help="Write rejected rows here and submit the rest.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Send every request again instead of reading "
+                                           "answers from the request cache (answers are still written).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Submit a batch; prints its id on stdout."""
@@ -99,7 +101,7 @@ def submit(
 
         client = make_client(config)
         try:
-            snap = client.config.snapshot(task_type)
+            snap = client.config.snapshot(task_type, cache_reads=not no_cache)
         except ConfigError as exc:
             if exc.file is not None:
                 raise
@@ -113,7 +115,7 @@ def submit(
                                         key_field=key_field, idempotency_key=idempotency_key,
                                         rejects_path=skip_invalid, on_committed=announce)
         return client.submit(task_type, file, fmt=kind, key_field=key_field, idempotency_key=idempotency_key,
-                             rejects_path=skip_invalid, on_committed=announce)
+                             rejects_path=skip_invalid, on_committed=announce, cache=not no_cache)
 
     committed: list[str] = []
 

@@ -104,9 +104,11 @@ class Client:
         idempotency_key: str | None = None,
         rejects_path: Path | None = None,
         on_committed: Callable[[str], None] | None = None,
+        cache: bool = True,
     ) -> producer.SubmitResult:
-        """Submit rows (dicts, or a JSONL/CSV file path) as one batch; see ``producer.submit_rows``."""
-        snap = self.config.snapshot(task_type)
+        """Submit rows (dicts, or a JSONL/CSV file path) as one batch; see ``producer.submit_rows``. With
+        ``cache=False`` every request of the batch goes to its model (answers are still written to the cache)."""
+        snap = self.config.snapshot(task_type, cache_reads=cache)
         kw: dict[str, Any] = {"key_field": key_field, "idempotency_key": idempotency_key,  # Any: keyword args
                               "rejects_path": rejects_path, "on_committed": on_committed}
         if isinstance(rows, str | Path):

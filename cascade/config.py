@@ -79,6 +79,8 @@ class ModelConfig(_Frozen):
     max_retries: int = Field(3, ge=0, le=10)
     # o-series and other reasoning models take max_completion_tokens instead of max_tokens.
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # false: this model's answers are never read from or written to the request cache (cascade.cache)
+    cache: bool = True
 
 
 class Variant(_Frozen):
@@ -142,6 +144,8 @@ class TaskType(_Frozen):
     # A request that can never succeed (bad key, unknown model, unsupported parameter): halt the batch until
     # it is fixed and resumed (`cascade retry BATCH`), or escalate as a failed tier.
     on_config_error: Literal["halt", "escalate"] = "halt"
+    # false: this task type's requests never use the request cache (cascade.cache), reads or writes
+    cache: bool = True
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -175,6 +179,13 @@ class TaskSnapshot(_Frozen):
 
     task_type: TaskType
     models: dict[str, ModelConfig]
+    #: False: this batch was submitted with --no-cache: its requests all go out (their answers are still
+    #: written to the cache). Not part of ``config_hash``: it changes what is paid, not what is asked.
+    cache_reads: bool = True
+
+    def caches(self, tier: ResolvedTier) -> bool:
+        """Whether the tier's requests are written to the request cache (task type and model allow it)."""
+        return self.task_type.cache and tier.model.cache
 
     @property
     def tier_count(self) -> int:
@@ -205,7 +216,9 @@ class TaskSnapshot(_Frozen):
         return self.model_dump(mode="json", by_alias=True)
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        data = self.to_json()
+        del data["cache_reads"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class CascadeConfig(_Frozen):
@@ -223,10 +236,12 @@ class CascadeConfig(_Frozen):
         known = ", ".join(sorted(t.name for t in self.task_types))
         raise ConfigError(f"unknown task type {name!r} (known: {known})")
 
-    def snapshot(self, name: str) -> TaskSnapshot:
+    def snapshot(self, name: str, *, cache_reads: bool = True) -> TaskSnapshot:
+        """What a batch of task type ``name`` stores; ``cache_reads`` False: its requests skip cache reads."""
         task = self.task(name)
         used = {t if isinstance(t, str) else t.model for t in task.tiers}
-        return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used})
+        return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used},
+                            cache_reads=cache_reads)
 
 
 def template_fields(template: str) -> list[str]:
@@ -367,6 +382,9 @@ class CascadeSettings(BaseSettings):
     # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")
+    # Request cache entries older than this are misses (and `cascade cache prune`'s default age); None: none
+    # expires.
+    cache_ttl_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _beats_before_death(self) -> CascadeSettings:

@@ -107,8 +107,10 @@ def plan_runs(snap: TaskSnapshot, thresholds: Sequence[Decimal]) -> list[RunPlan
 
 
 def point_at(snap: TaskSnapshot, base_url: str) -> TaskSnapshot:
-    """Every model of the snapshot sent to ``base_url`` (the replay sim), with no key and no rate limit."""
-    models = {name: m.model_copy(update={"base_url": base_url, "api_key_env": None, "rate_limit_rpm": None})
+    """Every model of the snapshot sent to ``base_url`` (the replay sim), with no key, no rate limit and no
+    request cache: each run's figures are those of the run alone, every request paid."""
+    models = {name: m.model_copy(update={"base_url": base_url, "api_key_env": None, "rate_limit_rpm": None,
+                                         "cache": False})
               for name, m in snap.models.items()}
     return snap.model_copy(update={"models": models})
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from cascade import store
@@ -21,6 +22,16 @@ from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
+from cascade.stages.cached import (
+    Cached,
+    Role,
+    entry_of,
+    fill_and_release,
+    keep_answer,
+    plan_cache,
+    release_all,
+    wait_for,
+)
 from cascade.stages.context import StageContext, request_threads
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
@@ -43,6 +54,7 @@ class _Pending:
     limited: int = 0  # 429s
     failed: int = 0  # other failures
     tokens: int = 0  # reserved under rate_limit_tpm (settled to the real usage after the answer)
+    cache: Cached | None = None  # None: its task type or model does not use the request cache
 
 
 @dataclass
@@ -58,6 +70,8 @@ class _Sent:
     crashed: bool = False
     #: a configuration fault (bad key, unknown model) halts the batch: the provider's message
     halted: str | None = None
+    #: the identical request this one waited for ended without an answer: the job is sent again at once
+    again: bool = False
 
     def merge(self, other: _Sent) -> None:
         """Take in what a one-sample request split from this one left."""
@@ -65,6 +79,7 @@ class _Sent:
         self.defer_s = max(self.defer_s, other.defer_s)
         self.crashed = self.crashed or other.crashed
         self.halted = self.halted or other.halted
+        self.again = self.again or other.again
         if other.error_kind and not self.error_kind:
             self.error_kind, self.error_detail = other.error_kind, other.error_detail
 
@@ -98,8 +113,22 @@ def run_calls(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
     if not claims:
         return moved_early
     with holding(ctx, claims):
-        _send_all(ctx, jobs)
-        return moved_early + _finish(ctx, jobs)
+        try:
+            _send_all(ctx, jobs)
+            return moved_early + _finish(ctx, jobs)
+        except BaseException:
+            _release_flights(ctx, jobs)
+            raise
+
+
+def _release_flights(ctx: StageContext, jobs: list[_CallJob]) -> None:
+    """Best effort after an error: end this message's cache flights, so identical requests need not wait for
+    their lease (the claims' own release follows)."""
+    try:
+        with ctx.engine.begin() as conn:
+            release_all(conn, [p.cache for job in jobs for p in job.pending if p.cache is not None])
+    except Exception as exc:  # noqa: BLE001 - the stage's own error is the one to raise
+        log.warning("could not release request cache flights: %s", str(exc).splitlines()[0])
 
 
 def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_CallJob], int, list[Claim]]:
@@ -112,12 +141,20 @@ def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_
         if not claimed:
             return [], 0, []
         history = store.prepare_attempts(conn, [claim for claim, _ in claimed], tier)
-        for claim, snap in claimed:
-            job = _plan(ctx, writes, claim, snap, history[claim.job_id])
-            if job is not None:
+        planned = [plan for claim, snap in claimed
+                   if (plan := _requests(ctx, writes, claim, snap, history[claim.job_id])) is not None]
+        places = iter(plan_cache(ctx, conn, [(job.snap, job.tier, r) for job, requests in planned for r in requests]))
+        dropped: list[Cached] = []
+        for job, requests in planned:
+            cached = [next(places) for _ in requests]
+            if _plan(ctx, writes, job, requests, cached, history[job.claim.job_id]):
                 jobs.append(job)
-        # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting.
-        now = [(job, p) for job in jobs for p in job.pending if p.wait_s <= 0]
+            else:
+                dropped += [c for c in cached if c is not None]
+        release_all(conn, dropped)
+        # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting
+        # (for their slot, or for the identical request whose answer they take).
+        now = [(job, p) for job in jobs for p in job.pending if p.wait_s <= 0 and _sends_or_hits(p)]
         ids = store.start_attempts(conn, [store.NewAttempt(job.claim.job_id, tier, job.tier.model.name,
                                                            p.request.variant, p.request.sample, p.request.n)
                                           for job, p in now])
@@ -128,28 +165,43 @@ def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_
     return jobs, moved, [job.claim for job in jobs]
 
 
-def _plan(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
-          past: store.History) -> _CallJob | None:
-    """The job's requests, or None when it moved at once (``writes`` says where)."""
+def _sends_or_hits(pending: _Pending) -> bool:
+    return pending.cache is None or pending.cache.role in (Role.SEND, Role.HIT)
+
+
+def _requests(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
+              past: store.History) -> tuple[_CallJob, list[Request]] | None:
+    """The job and the requests its tier needs, or None when its model is unusable (``writes`` has its
+    verdict)."""
     tier = snap.tier(claim.tier)
     unusable = _unusable_model(ctx, tier)
     if unusable is not None:
         writes.verdict(snap, claim, unusable)
         return None
     requests = plan_requests(tier, claim.input, set(past.answered), one_by_one=tier.model.name in ctx.n_ignored)
-    slots = _reserve(ctx, tier, requests, hold=f"{claim.job_id}:{claim.tier}")
+    return _CallJob(claim, snap, tier), requests
+
+
+def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Request], cached: list[Cached | None],
+          past: store.History) -> bool:
+    """Book rate-limit slots for the requests that go out (not those the cache answers) and set the job's
+    pending requests; False when no slot comes soon and the job moved (``writes`` says where)."""
+    claim, tier = job.claim, job.tier
+    sending = [i for i, c in enumerate(cached) if c is None or c.role is Role.SEND]
+    slots = _reserve(ctx, tier, [requests[i] for i in sending], hold=f"{claim.job_id}:{claim.tier}")
     if not slots.granted:
         # No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
         # little before its held slot (the sweeper re-publishes it) and waits the rest inline.
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=_slot_delay(ctx, slots),
                     error=_limit_note(tier, slots))
-        return None
-    job = _CallJob(claim, snap, tier)
+        return False
     booked = slots is not UNLIMITED  # UNLIMITED: nothing was booked, nothing to settle
-    job.pending = [_Pending(r, None, slots.wait_s(i), past.failures.get((r.sample, r.n, True), 0),
-                            past.failures.get((r.sample, r.n, False), 0), _tokens(tier, r) if booked else 0)
+    waits = {i: slots.wait_s(k) for k, i in enumerate(sending)}
+    job.pending = [_Pending(r, None, waits.get(i, 0.0), past.failures.get((r.sample, r.n, True), 0),
+                            past.failures.get((r.sample, r.n, False), 0),
+                            _tokens(tier, r) if booked and i in waits else 0, cached[i])
                    for i, r in enumerate(requests)]
-    return job
+    return True
 
 
 def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
@@ -218,8 +270,6 @@ def _slot_delay(ctx: StageContext, slots: Reservation) -> float:
 def _send_all(ctx: StageContext, jobs: list[_CallJob]) -> None:
     """Send every request of every job at once (gevent patches threads into greenlets in workers). An
     unexpected error in one request ends that request only: the others' answers are already paid for."""
-    work = [(job, p) for job in jobs for p in job.pending]
-
     def one(item: tuple[_CallJob, _Pending]) -> _Sent:
         job, pending = item
         sent = _Sent()
@@ -231,14 +281,21 @@ def _send_all(ctx: StageContext, jobs: list[_CallJob]) -> None:
             sent.crashed = True
         return sent
 
-    results = [one(item) for item in work] if len(work) <= 1 else list(request_threads().map(one, work))
-    for (job, _), sent in zip(work, results, strict=True):
-        job.sent.append(sent)
+    # Requests that follow an identical one of this message go second: they take its answer.
+    for follows in (False, True):
+        work = [(job, p) for job in jobs for p in job.pending
+                if (p.cache is not None and p.cache.role is Role.FOLLOW) is follows]
+        results = [one(item) for item in work] if len(work) <= 1 else list(request_threads().map(one, work))
+        for (job, _), sent in zip(work, results, strict=True):
+            job.sent.append(sent)
 
 
 def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent) -> None:
     """Send one request, retrying as the policy says; every request has its attempts row first. Stops when
     the claim was taken over (``taken_over``: nothing more goes out for a job this worker no longer holds)."""
+    if pending.cache is not None and pending.cache.role is not Role.SEND:
+        _answer_from_cache(ctx, job, pending, pending.cache, sent)
+        return
     attempt_id = pending.attempt_id
     if attempt_id is None:
         ctx.sleep(pending.wait_s)
@@ -260,12 +317,37 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
         _settle(ctx, job.tier, pending, done)
         sent.rows.append(answer_row(attempt_id, job.snap, job.tier, pending.request, done))
         sent.answered = True
+        if pending.cache is not None:
+            keep_answer(pending.cache, job.snap, done)
         if done.missing:
             ctx.ignores_n(job.tier.model.name, f"answered {done.choices_returned} of {pending.request.n} choices")
             first = pending.request.sample + done.choices_returned
             _send_split(ctx, job, pending.request, range(first, pending.request.sample + pending.request.n), sent)
         return
     sent.error_kind, sent.error_detail = "taken_over", "the job was handed to another worker"
+
+
+def _answer_from_cache(ctx: StageContext, job: _CallJob, pending: _Pending, cached: Cached, sent: _Sent) -> None:
+    """Record the cached answer of a request as its attempt (cost 0, the original tokens, ``saved_usd`` its
+    original cost): the stored one (HIT), the one another claim's identical request got (WAIT), or the one
+    this message's identical request got (FOLLOW). Without one the job is sent again at once: its next claim
+    finds the answer or sends the request itself."""
+    started = time.monotonic()
+    if cached.role is Role.WAIT:
+        cached.entry = wait_for(ctx, cached)
+    entry = entry_of(cached, job.snap, job.tier) if cached.role is Role.FOLLOW else cached.entry
+    if entry is None:
+        sent.again = True
+        return
+    attempt_id = pending.attempt_id if pending.attempt_id is not None else _start_attempt(ctx, job, pending.request)
+    if attempt_id is None:
+        sent.error_kind, sent.error_detail = "taken_over", "the job was handed to another worker"
+        return
+    row = answer_row(attempt_id, job.snap, job.tier, pending.request,
+                     entry.completion(int((time.monotonic() - started) * 1000)))
+    row.update(cost_usd=Decimal(0), cached=True, saved_usd=entry.cost_usd)
+    sent.rows.append(row)
+    sent.answered = True
 
 
 def _stop(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent, step: RequestStep,
@@ -345,6 +427,8 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
     writes = Writes()
     with ctx.engine.begin() as conn:
         store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows])
+        fill_and_release(conn, [(p.cache, job.snap, job.tier) for job in jobs for p in job.pending
+                                if p.cache is not None])
         for job in jobs:
             if (reason := _halted(job)) is not None:
                 store.halt_batch(conn, job.claim.batch_id, reason)
@@ -374,7 +458,7 @@ def _end(writes: Writes, job: _CallJob, answered: store.Answers | None) -> None:
     claim = job.claim
     if _halted(job) is not None:  # it waits in Postgres, unpublished, until the batch is resumed
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, error=_halted(job))
-    elif _crashed(job):
+    elif _crashed(job) or (any(s.again for s in job.sent) and not job.deferred_s()):
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, then=(claim.job_id, claim.tier, Stage.CALL))
     elif job.deferred_s():
         writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=job.deferred_s(),

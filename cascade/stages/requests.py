@@ -19,8 +19,8 @@ from cascade.errors import ProviderError
 from cascade.providers import Completion, Message
 from cascade.stages.context import StageContext
 
-__all__ = ["MAX_STORED_CHARS", "Request", "answer_row", "failed_row", "plan_requests", "send", "split",
-           "stored_cap"]
+__all__ = ["MAX_STORED_CHARS", "Request", "answer_row", "failed_row", "plan_requests", "request_params", "send",
+           "split", "stored_cap"]
 
 #: Longest stored content of one sample. A longer answer is cut to ``min(this, max_chars + 1)`` chars
 #: and always fails as ``too_long`` (the validator never allows more than this minus one).
@@ -70,6 +70,14 @@ def response_format(snap: TaskSnapshot) -> dict[str, Any] | None:  # Any: OpenAI
     return {"type": "json_object"} if task.output == "json" else None
 
 
+def request_params(snap: TaskSnapshot, tier: ResolvedTier, request: Request) -> dict[str, Any]:  # Any: params
+    """Everything ``send`` asks the provider besides its endpoint and model id: the request cache's key is
+    built from exactly these (``cascade.cache.request_key``), so no parameter that is sent escapes it."""
+    return {"messages": request.messages, "n": request.n, "max_tokens": tier.max_tokens,
+            "temperature": tier.temperature, "response_format": response_format(snap),
+            "max_tokens_param": tier.model.max_tokens_param}
+
+
 def send(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, request: Request) -> Completion:
     """Make one request (raises ``ProviderError``). The X-Cascade-* headers let the sim and recordings
     answer per model and sample; real providers ignore them."""
@@ -78,9 +86,7 @@ def send(ctx: StageContext, snap: TaskSnapshot, tier: ResolvedTier, request: Req
         headers["X-Cascade-Variant"] = request.variant
         headers["X-Cascade-Variant-Sample"] = str(request.variant_sample)
     provider = ctx.providers.get(tier.model)
-    return provider.complete(request.messages, n=request.n, max_tokens=tier.max_tokens,
-                             temperature=tier.temperature, response_format=response_format(snap), headers=headers,
-                             max_tokens_param=tier.model.max_tokens_param)
+    return provider.complete(**request_params(snap, tier, request), headers=headers)
 
 
 def split(request: Request, samples: Sequence[int]) -> list[Request]:

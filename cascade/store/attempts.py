@@ -126,21 +126,22 @@ UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, 
                       response = CAST(e.response AS jsonb), truncated = CAST(e.truncated AS jsonb),
                       cached_tokens = coalesce(e.cached_tokens, 0), reasoning_tokens = coalesce(e.reasoning_tokens, 0),
                       choices = e.choices, refusals = CAST(e.refusals AS jsonb), request_id = e.request_id,
-                      served_model = e.served_model, gateway_cost_usd = e.gateway_cost_usd
+                      served_model = e.served_model, gateway_cost_usd = e.gateway_cost_usd,
+                      cached = coalesce(e.cached, false), saved_usd = e.saved_usd
 FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
             CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
             CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]),
             CAST(:cached_tokens AS int[]), CAST(:reasoning_tokens AS int[]), CAST(:choices AS int[]),
             CAST(:refusals AS text[]), CAST(:request_id AS text[]), CAST(:served_model AS text[]),
-            CAST(:gateway_cost_usd AS numeric[]))
+            CAST(:gateway_cost_usd AS numeric[]), CAST(:cached AS boolean[]), CAST(:saved_usd AS numeric[]))
      AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated, cached_tokens,
-          reasoning_tokens, choices, refusals, request_id, served_model, gateway_cost_usd)
+          reasoning_tokens, choices, refusals, request_id, served_model, gateway_cost_usd, cached, saved_usd)
 WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
 RETURNING a.job_id, a.error = 'interrupted' AS late
 """)
 _END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated",
                "cached_tokens", "reasoning_tokens", "choices", "refusals", "request_id", "served_model",
-               "gateway_cost_usd")
+               "gateway_cost_usd", "cached", "saved_usd")
 # A late answer's cost joins its job's total at once (a job that already finished is not moved again).
 _RECOST = text("""
 UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id)
@@ -151,8 +152,8 @@ WHERE id = ANY(:ids)
 def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
     response, truncated and refusals as JSON text or None; and what the provider told: cached_tokens,
-    reasoning_tokens, choices, request_id, served_model, gateway_cost_usd; any but the first eight may be left
-    out) in one statement. A request
+    reasoning_tokens, choices, request_id, served_model, gateway_cost_usd; and for an answer read from the
+    request cache, cached and saved_usd; any but the first eight may be left out) in one statement. A request
     whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job."""
     if rows:
         params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
