@@ -39,6 +39,9 @@ app = typer.Typer(help="Cheap LLM batch jobs through a cascade of models.", no_a
                   pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+cache_app = typer.Typer(help="The request cache (answers kept in Postgres, reused by identical requests).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="cascade.yaml (default: $CASCADE_CONFIG)")]
@@ -75,6 +78,35 @@ def db_upgrade() -> None:
 
     guard(lambda: upgrade(make_client().engine))
     err.print("database is at the latest revision")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[float | None, typer.Option(
+        "--older-than", min=0, help="Delete entries answered more than this many days ago "
+                                    "(default: CASCADE_CACHE_TTL_S, when set).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Delete every entry.")] = False,
+) -> None:
+    """Delete request cache entries: older than --older-than DAYS, older than CASCADE_CACHE_TTL_S, or --all.
+    The next identical request is sent (and paid) again."""
+    from cascade.store.cache import prune_cache
+
+    client = make_client()
+    if all_ and older_than is not None:
+        err.print("error: give --older-than or --all, not both", markup=False, highlight=False)
+        raise typer.Exit(2)
+    age_s = older_than * 86400 if older_than is not None else client.settings.cache_ttl_s
+    if age_s is None and not all_:
+        err.print("error: give --older-than DAYS or --all (CASCADE_CACHE_TTL_S is not set, so there is no default "
+                  "age)", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+    def prune() -> int:
+        with client.engine.begin() as conn:
+            return prune_cache(conn, None if all_ else age_s)
+
+    deleted = guard(prune)
+    err.print(f"deleted {deleted} request cache entr{'y' if deleted == 1 else 'ies'}", markup=False, highlight=False)
 
 
 @app.command()
@@ -158,6 +190,10 @@ def _print_status(state: BatchStatus) -> None:
     table.add_row(str(state.rows), str(c.get("queued", 0)), str(c.get("running", 0)), str(c.get("succeeded", 0)),
                   str(c.get("failed", 0)), money(state.cost_usd))
     out.print(table)
+    if state.cache is not None and state.cache[0]:
+        hits, misses, saved = state.cache
+        out.print(f"cache: {hits} of {hits + misses} answered requests were hits, saving {money(saved)}",
+                  markup=False, highlight=False)
     if state.halted:
         err.print(f"[red]halted:[/red] {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
                   soft_wrap=True)

@@ -40,6 +40,8 @@ class BatchStatus:
     halted: str | None = None
     #: what a user should know about how the batch runs (a model that ignores n)
     notes: list[str] = field(default_factory=list)
+    #: (hits, misses, saved_usd) of the request cache for the batch's answered requests; None when not read
+    cache: tuple[int, int, Decimal] | None = None
 
     @property
     def finished(self) -> int:
@@ -53,7 +55,9 @@ class BatchStatus:
         return {"batch_id": self.batch_id, "task_type": self.task_type, "rows": self.rows,
                 "finished": self.finished, "counts": self.counts,
                 "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd),
-                "halted": self.halted, "notes": self.notes}
+                "halted": self.halted, "notes": self.notes,
+                "cache": None if self.cache is None else {"hits": self.cache[0], "misses": self.cache[1],
+                                                          "saved_usd": str(self.cache[2])}}
 
 
 class Client:
@@ -139,7 +143,8 @@ class Client:
 
     def status(self, batch_id: str, *, notes: bool = False) -> BatchStatus:
         """Counts of the batch's jobs by status and tier; ``batch_id`` may be a unique prefix. With ``notes``,
-        also what a user should know about how it runs (a read over the batch's requests: not for every poll).
+        also what a user should know about how it runs and its request cache hits (a read over the batch's
+        requests: not for every poll).
         InputError if the batch does not exist."""
         batch_id = self.resolve(batch_id)
         with self.engine.connect() as conn:
@@ -148,6 +153,7 @@ class Client:
                 raise InputError(f"no batch {batch_id!r}")
             rows = store.count_jobs(conn, batch_id)
             ignoring_n = store.models_ignoring_n(conn, batch_id) if notes else []
+            cache = store.batch_cache_use(conn, batch_id) if notes else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
         counts: dict[str, int] = {}
@@ -157,7 +163,8 @@ class Client:
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
         task_type, size, halted = batch
-        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_)
+        return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
+                           cache)
 
     def jobs_by_stage(self, batch_id: str) -> list[tuple[int, str, str, int]]:
         """(tier, stage, status, count) of a batch's jobs: where each job is in the cascade right now."""

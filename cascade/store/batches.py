@@ -176,6 +176,20 @@ def models_ignoring_n(conn: Connection, batch_id: str) -> list[str]:
     return [model for (model,) in conn.execute(_N_IGNORED, {"b": batch_id})]
 
 
+_CACHE_USE = text("""
+SELECT count(*) FILTER (WHERE a.cached) AS hits, count(*) FILTER (WHERE NOT a.cached AND a.error IS NULL) AS misses,
+       coalesce(sum(a.saved_usd) FILTER (WHERE a.cached), 0) AS saved_usd
+FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b
+""")
+
+
+def batch_cache_use(conn: Connection, batch_id: str) -> tuple[int, int, Decimal]:
+    """The batch's answered requests read from the request cache (hits), those sent (misses), and the original
+    cost of the hits."""
+    row = conn.execute(_CACHE_USE, {"b": batch_id}).one()
+    return int(row.hits), int(row.misses), Decimal(row.saved_usd)
+
+
 def resume_batch(conn: Connection, batch_id: str) -> list[tuple[int, int, Stage]] | None:
     """Clear the halt and stamp every queued job of the batch as published now; returns the (job, tier,
     stage)s to publish, or None when there is no such batch."""

@@ -14,6 +14,7 @@ from cascade.sim import SimConfig, SimModel
 from cascade.store.cache import Fill, Wanted, claim_keys, fill_keys
 from tests.integration import scenario
 from tests.integration.audit import audit as _audit
+from tests.integration.test_cli import _cli, _config_file
 
 pytestmark = pytest.mark.integration
 
@@ -266,3 +267,43 @@ def test_expired_and_abandoned_entries_are_taken_over(env):
     # Then without a TTL the old answer is a hit; with one both keys are this claim's to send
     assert not kept[_wanted(1).key].mine
     assert all(row.mine for row in got.values())
+
+
+def test_the_cli_bypasses_shows_and_prunes_the_cache(env, sim, workers, tmp_path):
+    # Given a config file, a worker and a batch run once from the CLI
+    server = sim(scenario.sim_config(seed=4))
+    config = _config_file(tmp_path, server.url)
+    workers(concurrency=16)
+    rows = "".join(json.dumps(r) + "\n" for r in scenario.rows(6, "summary"))
+    first = _cli(env, config, "submit", "summary", "-", "--key-field", "id", stdin=rows).stdout.strip()
+    assert _cli(env, config, "wait", first, "--timeout", "60").returncode == 0
+    paid = len(server.seen())
+
+    # When the rows are submitted again, then once more with --no-cache
+    again = _cli(env, config, "submit", "summary", "-", "--key-field", "id", "--idempotency-key", "2", stdin=rows)
+    assert _cli(env, config, "wait", again.stdout.strip(), "--timeout", "60").returncode == 0
+    fresh = _cli(env, config, "submit", "summary", "-", "--key-field", "id", "--no-cache", stdin=rows)
+    assert fresh.returncode == 0, fresh.stderr
+    assert _cli(env, config, "wait", fresh.stdout.strip(), "--timeout", "60").returncode == 0
+
+    # Then the rerun made no request and status says its requests were hits; --no-cache paid them all again
+    assert len(server.seen()) == 2 * paid
+    shown = _cli(env, config, "status", again.stdout.strip())
+    assert f"cache: {paid} of {paid} answered requests were hits, saving $" in shown.stdout, shown.stdout
+    status = json.loads(_cli(env, config, "status", again.stdout.strip(), "--json").stdout)
+    assert status["cache"]["hits"] == paid and status["cache"]["misses"] == 0
+    assert json.loads(_cli(env, config, "status", fresh.stdout.strip(), "--json").stdout)["cache"]["hits"] == 0
+
+    # And prune needs an age: none given and no TTL is exit 2, naming the setting
+    entries = env.scalar("SELECT count(*) FROM request_cache")
+    bare = _cli(env, config, "cache", "prune")
+    assert bare.returncode == 2 and "CASCADE_CACHE_TTL_S" in bare.stderr
+    assert _cli(env, config, "cache", "prune", "--help").returncode == 0
+    # An age keeps younger entries; --all deletes every one
+    kept = _cli(env, config, "cache", "prune", "--older-than", "1")
+    assert kept.returncode == 0 and "deleted 0 request cache entries" in kept.stderr
+    assert env.scalar("SELECT count(*) FROM request_cache") == entries > 0
+    gone = _cli(env, config, "cache", "prune", "--all")
+    assert gone.returncode == 0 and f"deleted {entries} request cache entries" in gone.stderr, gone.stderr
+    assert env.scalar("SELECT count(*) FROM request_cache") == 0
+
