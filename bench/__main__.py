@@ -1,6 +1,6 @@
 """`make bench` (= `python -m bench`): every benchmark, then one table of cascade vs baseline figures.
 
-    python -m bench [--tiny] [--only overhead,concurrency,hops,submit,stats,ratelimit] [--json FILE] [--profile]
+    python -m bench [--tiny] [--only overhead,concurrency,hops,submit,stats,ratelimit,cache] [--json FILE] [--profile]
 
 Each figure is measured beside its baseline in the same run, on the embedded stack unless
 CASCADE_BENCH_DATABASE_URL and CASCADE_BENCH_BROKER_URL are set. ``--tiny`` runs every benchmark on a tiny
@@ -27,7 +27,8 @@ from rich.table import Table
 from bench.harness import Row, dumps, services
 
 BENCHMARKS = {"overhead": "bench.overhead", "concurrency": "bench.concurrency", "hops": "bench.hops",
-              "submit": "bench.submission", "stats": "bench.stats_view", "ratelimit": "bench.ratelimit"}
+              "submit": "bench.submission", "stats": "bench.stats_view", "ratelimit": "bench.ratelimit",
+              "cache": "bench.cache"}
 
 
 def _fmt(value: float | None) -> str:

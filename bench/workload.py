@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,8 @@ def config(sim_url: str) -> dict[str, Any]:  # Any: cascade.yaml
     }
 
 
-def rows(n: int, start: int = 0) -> list[tuple[int, dict[str, Any]]]:  # Any: a row
-    return [(i + 1, {"id": i, "text": f"row {i} of the benchmark"}) for i in range(start, start + n)]
+def rows(n: int, start: int = 0, tag: str = "") -> list[tuple[int, dict[str, Any]]]:  # Any: a row
+    return [(i + 1, {"id": i, "text": f"row {i} of the benchmark{tag}"}) for i in range(start, start + n)]
 
 
 @dataclass
@@ -56,14 +57,18 @@ class ListPublisher:
 
 
 def submit(box: Scratch, task: str, n: int, publisher: Any = None, *,  # Any: a Publisher
-           jobs_per_message: int | None = None) -> str:
-    """Insert and publish ``n`` jobs of ``task`` the way `cascade submit` does; returns the batch id."""
+           jobs_per_message: int | None = None, tag: str | None = None) -> str:
+    """Insert and publish ``n`` jobs of ``task`` the way `cascade submit` does; returns the batch id. The rows
+    are new ones (never seen by the request cache, as in an ETL run over new data) unless ``tag`` is given:
+    the same tag gives the same rows."""
+    if tag is None:
+        tag = f" (run {uuid.uuid4().hex[:12]})"
     settings = box.settings(**({"jobs_per_message": jobs_per_message} if jobs_per_message else {}))
     snap = load_config(settings.config).snapshot(task)
     own = publisher is None
     pub = CeleryPublisher.connect(settings, box.services.broker_url) if own else publisher
     try:
-        return producer.submit_rows(box.engine, pub, snap, rows(n), source=f"<bench {task}>").batch_id
+        return producer.submit_rows(box.engine, pub, snap, rows(n, tag=tag), source=f"<bench {task}>").batch_id
     finally:
         if own:
             pub.close()

@@ -71,9 +71,9 @@ def cacheable(done: Completion, n: int, cap: int) -> bool:
             and not any(r in ("length", "content_filter") for r in done.finish_reasons))
 
 
-def encode(contents: list[str], finish_reasons: list[str | None]) -> str:
+def encode(contents: list[str], finish_reasons: list[str | None]) -> dict[str, Any]:  # Any: JSON
     """The ``answer`` JSON of a cacheable answer (contents as recorded in ``attempts``)."""
-    return json.dumps({"contents": contents, "finish_reasons": finish_reasons})
+    return {"contents": contents, "finish_reasons": finish_reasons}
 
 
 _BAD_LOGGED: set[bytes] = set()

@@ -24,13 +24,13 @@ from cascade.providers import Completion
 from cascade.stages.context import StageContext
 from cascade.stages.requests import Request, request_params, stored_cap
 from cascade.store import pg_text
-from cascade.store.cache import Fill, Wanted, claim_keys, fill_keys, poll_key, release_keys, take_keys
+from cascade.store.cache import Fill, Wanted, claim_keys, poll_key, release_keys, take_keys
 
 __all__ = [
     "Cached",
     "Role",
     "entry_of",
-    "fill_and_release",
+    "fills_of",
     "keep_answer",
     "plan_cache",
     "release_all",
@@ -144,25 +144,21 @@ def entry_of(cached: Cached, snap: TaskSnapshot, tier: ResolvedTier) -> Entry | 
                  tier.model.price.cost(done.input_tokens, done.output_tokens, done.cached_tokens))
 
 
-def fill_and_release(conn: Connection, cached: Sequence[tuple[Cached, TaskSnapshot, ResolvedTier]]) -> None:
-    """Store the answers got, and end this claim's flights that got none, in ``conn``'s transaction."""
+def fills_of(cached: Sequence[tuple[Cached, TaskSnapshot, ResolvedTier]]) -> list[Fill]:
+    """The answers to store: each sent request's cacheable answer, priced as the model bills it."""
     fills: list[Fill] = []
-    unfilled: dict[str, list[bytes]] = {}
     for c, _, tier in cached:
         if c.answer is not None and c.contents is not None:
             done = c.answer
             fills.append(Fill(c.wanted, encode(c.contents, list(done.finish_reasons)), done.input_tokens,
                               done.output_tokens, done.cached_tokens, done.reasoning_tokens, done.served_model,
                               tier.model.price.cost(done.input_tokens, done.output_tokens, done.cached_tokens)))
-        elif c.flight is not None:
-            unfilled.setdefault(c.flight, []).append(c.wanted.key)
-    fill_keys(conn, fills)
-    for flight, keys in unfilled.items():
-        release_keys(conn, keys, flight=flight)
+    return fills
 
 
 def release_all(conn: Connection, cached: Sequence[Cached]) -> None:
-    """End every flight of ``cached`` without an answer (its claim moved on without sending)."""
+    """End this claim's flights of ``cached`` without storing an answer (its claim moved on without sending,
+    the answer was not one to store, or the stage failed): the next claim of such a key sends it."""
     flights: dict[str, list[bytes]] = {}
     for c in cached:
         if c.flight is not None:

@@ -26,7 +26,7 @@ from cascade.stages.cached import (
     Cached,
     Role,
     entry_of,
-    fill_and_release,
+    fills_of,
     keep_answer,
     plan_cache,
     release_all,
@@ -426,9 +426,9 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
     """Record every request's outcome and move each job (``_end``); returns how many moved."""
     writes = Writes()
     with ctx.engine.begin() as conn:
-        store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows])
-        fill_and_release(conn, [(p.cache, job.snap, job.tier) for job in jobs for p in job.pending
-                                if p.cache is not None])
+        cached = [(p.cache, job.snap, job.tier) for job in jobs for p in job.pending if p.cache is not None]
+        store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows], fills_of(cached))
+        release_all(conn, [c for c, _, _ in cached if c.answer is None])
         for job in jobs:
             if (reason := _halted(job)) is not None:
                 store.halt_batch(conn, job.claim.batch_id, reason)

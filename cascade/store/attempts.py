@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from cascade.store.cache import FILL_SQL, Fill, fill_keys, fill_param
 from cascade.store.jobs import Claim
 
 __all__ = [
@@ -117,7 +118,7 @@ def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str |
 # A row marked interrupted meanwhile belongs to a claim that was taken over (its worker froze past the
 # dead-after bound, then resumed): its tokens and cost are recorded (the provider billed them) but its
 # error stays, so it never counts as an answer beside the new claim's.
-_END_ATTEMPTS = text("""
+_END_ATTEMPTS_SQL = """
 UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, output_tokens = e.output_tokens,
                       cost_usd = e.cost_usd,
                       error = CASE WHEN a.error = 'in_flight' THEN e.error ELSE a.error END,
@@ -138,7 +139,10 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_toke
           reasoning_tokens, choices, refusals, request_id, served_model, gateway_cost_usd, cached, saved_usd)
 WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
 RETURNING a.job_id, a.error = 'interrupted' AS late
-""")
+"""
+_END_ATTEMPTS = text(_END_ATTEMPTS_SQL)
+# The same, storing answers in the request cache on the way (one round trip for both).
+_END_AND_FILL = text(f"WITH fill AS ({FILL_SQL}) {_END_ATTEMPTS_SQL}")
 _END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated",
                "cached_tokens", "reasoning_tokens", "choices", "refusals", "request_id", "served_model",
                "gateway_cost_usd", "cached", "saved_usd")
@@ -149,16 +153,23 @@ WHERE id = ANY(:ids)
 """)
 
 
-def end_attempts(conn: Connection, rows: list[dict[str, Any]]) -> None:  # Any: bound parameters
+def end_attempts(conn: Connection, rows: list[dict[str, Any]],  # Any: bound parameters
+                 fills: Sequence[Fill] = ()) -> None:
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
     response, truncated and refusals as JSON text or None; and what the provider told: cached_tokens,
     reasoning_tokens, choices, request_id, served_model, gateway_cost_usd; and for an answer read from the
     request cache, cached and saved_usd; any but the first eight may be left out) in one statement. A request
-    whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job."""
-    if rows:
-        params: dict[str, list[Any]] = {"ids": [r["id"] for r in rows]}  # Any: column values
+    whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job. ``fills``:
+    answers to store in the request cache in the same statement (``store.cache.fill_keys``)."""
+    if not rows:
+        fill_keys(conn, fills)
+    else:
+        params: dict[str, Any] = {"ids": [r["id"] for r in rows]}  # Any: column values
         params.update({name: [r.get(name) for r in rows] for name in _END_FIELDS})
-        late = {job_id for job_id, is_late in conn.execute(_END_ATTEMPTS, params) if is_late}
+        if fills:
+            params["fills"] = fill_param(fills)
+        late = {job_id for job_id, is_late in conn.execute(_END_AND_FILL if fills else _END_ATTEMPTS, params)
+                if is_late}
         if late:
             conn.execute(_RECOST, {"ids": sorted(late)})
 

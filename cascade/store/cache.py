@@ -8,6 +8,7 @@ the key. Keys are claimed in sorted order, so two claims of overlapping keys nev
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -15,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-__all__ = ["CacheRow", "Fill", "Wanted", "claim_keys", "fill_keys", "poll_key", "prune_cache", "release_keys", "take_keys"]
+__all__ = ["FILL_SQL", "CacheRow", "Fill", "Wanted", "claim_keys", "fill_keys", "fill_param", "poll_key", "prune_cache", "release_keys", "take_keys"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,20 @@ class CacheRow:
 
 @dataclass(frozen=True)
 class Fill:
-    """An answer to store under ``wanted.key`` (``answer``: JSON text)."""
+    """An answer to store under ``wanted.key`` (``answer``: its JSON value)."""
 
     wanted: Wanted
-    answer: str
+    answer: dict[str, Any]  # Any: JSON
     input_tokens: int
     output_tokens: int
     cached_tokens: int
     reasoning_tokens: int
     served_model: str | None
     cost_usd: Decimal
+
+
+def _wanted_json(w: Wanted) -> dict[str, Any]:  # Any: JSON
+    return {"key": w.key.hex(), "endpoint": w.endpoint, "model": w.model, "n": w.n, "sample": w.sample}
 
 
 # A fresh answer, or a live flight (its worker heartbeats, or it has none and is younger than the lease).
@@ -70,8 +75,8 @@ _FLYING = """c.flight IS NOT NULL AND c.flight_at > now() - make_interval(secs =
 # SELECT below it reads the statement's snapshot, so a key another claim just took reads as in flight.
 _CLAIM = text(f"""
 WITH wanted AS (
-    SELECT * FROM unnest(CAST(:keys AS bytea[]), CAST(:endpoints AS text[]), CAST(:models AS text[]),
-                         CAST(:ns AS int[]), CAST(:samples AS int[])) AS w(key, endpoint, model, n, sample)
+    SELECT decode(w.key, 'hex') AS key, w.endpoint, w.model, w.n, w.sample
+    FROM jsonb_to_recordset(CAST(:wanted AS jsonb)) AS w(key text, endpoint text, model text, n int, sample int)
 ), mine AS (
     INSERT INTO request_cache AS c (key, endpoint, model, n, sample, flight, flight_worker, flight_at)
     SELECT key, endpoint, model, n, sample, :flight, :worker, now() FROM wanted ORDER BY key
@@ -92,9 +97,7 @@ def claim_keys(conn: Connection, wanted: Sequence[Wanted], *, flight: str, worke
     release it), or neither (another claim is sending it). One statement."""
     if not wanted:
         return {}
-    params = {"keys": [w.key for w in wanted], "endpoints": [w.endpoint for w in wanted],
-              "models": [w.model for w in wanted], "ns": [w.n for w in wanted], "samples": [w.sample for w in wanted],
-              "flight": flight, "worker": worker, "ttl_s": ttl_s, "lease_s": lease_s, "dead_s": dead_s}
+    params = {"wanted": json.dumps([_wanted_json(w) for w in wanted]), "flight": flight, "worker": worker, "ttl_s": ttl_s, "lease_s": lease_s, "dead_s": dead_s}
     out: dict[bytes, CacheRow] = {}
     for row in conn.execute(_CLAIM, params):
         key = bytes(row.key)
@@ -135,38 +138,39 @@ def poll_key(conn: Connection, key: bytes, *, ttl_s: float | None, lease_s: floa
 
 
 # Concurrent writers of one key leave one row: the last answer wins (both are answers to the same request).
-_FILL = text("""
+FILL_SQL = """
 INSERT INTO request_cache AS c (key, endpoint, model, n, sample, answer, input_tokens, output_tokens, cached_tokens,
                                 reasoning_tokens, served_model, cost_usd, answered_at)
-SELECT key, endpoint, model, n, sample, CAST(answer AS jsonb), input_tokens, output_tokens, cached_tokens,
-       reasoning_tokens, served_model, cost_usd, now()
-FROM unnest(CAST(:keys AS bytea[]), CAST(:endpoints AS text[]), CAST(:models AS text[]), CAST(:ns AS int[]),
-            CAST(:samples AS int[]), CAST(:answers AS text[]), CAST(:input_tokens AS int[]),
-            CAST(:output_tokens AS int[]), CAST(:cached_tokens AS int[]), CAST(:reasoning_tokens AS int[]),
-            CAST(:served_models AS text[]), CAST(:costs AS numeric[]))
-     AS f(key, endpoint, model, n, sample, answer, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
-          served_model, cost_usd)
-ORDER BY key
+SELECT decode(f.key, 'hex'), f.endpoint, f.model, f.n, f.sample, f.answer, f.input_tokens, f.output_tokens,
+       f.cached_tokens, f.reasoning_tokens, f.served_model, f.cost_usd, now()
+FROM jsonb_to_recordset(CAST(:fills AS jsonb))
+     AS f(key text, endpoint text, model text, n int, sample int, answer jsonb, input_tokens int, output_tokens int,
+          cached_tokens int, reasoning_tokens int, served_model text, cost_usd numeric)
+ORDER BY f.key
 ON CONFLICT (key) DO UPDATE SET answer = excluded.answer, input_tokens = excluded.input_tokens,
     output_tokens = excluded.output_tokens, cached_tokens = excluded.cached_tokens,
     reasoning_tokens = excluded.reasoning_tokens, served_model = excluded.served_model,
     cost_usd = excluded.cost_usd, answered_at = excluded.answered_at,
     flight = NULL, flight_worker = NULL, flight_at = NULL
-""")
+"""
+_FILL = text(FILL_SQL)
 
 
 def fill_keys(conn: Connection, fills: Sequence[Fill]) -> None:
-    """Store answers (one per key: the first of duplicates is kept), ending their flights."""
+    """Store answers (one per key: the first of duplicates is kept), ending their flights. ``FILL_SQL`` with
+    ``fill_param`` does the same inside another statement (``store.end_attempts``: one round trip less)."""
+    if fills:
+        conn.execute(_FILL, {"fills": fill_param(fills)})
+
+
+def fill_param(fills: Sequence[Fill]) -> str:
+    """``FILL_SQL``'s one parameter, ``:fills``: adapting a dozen arrays cost more client CPU than the
+    statement itself."""
     unique = list({f.wanted.key: f for f in reversed(fills)}.values())
-    if not unique:
-        return
-    conn.execute(_FILL, {
-        "keys": [f.wanted.key for f in unique], "endpoints": [f.wanted.endpoint for f in unique],
-        "models": [f.wanted.model for f in unique], "ns": [f.wanted.n for f in unique],
-        "samples": [f.wanted.sample for f in unique], "answers": [f.answer for f in unique],
-        "input_tokens": [f.input_tokens for f in unique], "output_tokens": [f.output_tokens for f in unique],
-        "cached_tokens": [f.cached_tokens for f in unique], "reasoning_tokens": [f.reasoning_tokens for f in unique],
-        "served_models": [f.served_model for f in unique], "costs": [f.cost_usd for f in unique]})
+    return json.dumps([
+        {**_wanted_json(f.wanted), "answer": f.answer, "input_tokens": f.input_tokens, "output_tokens": f.output_tokens,
+         "cached_tokens": f.cached_tokens, "reasoning_tokens": f.reasoning_tokens, "served_model": f.served_model,
+         "cost_usd": str(f.cost_usd)} for f in unique])
 
 
 _RELEASE = text("""

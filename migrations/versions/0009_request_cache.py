@@ -5,7 +5,8 @@
   ``cascade.cache``). ``answer`` holds the choices' contents and finish reasons, with the original tokens
   and cost. A row without an answer is a request in flight: ``flight`` names the claim that sends it,
   ``flight_worker`` its heartbeating worker (a dead worker's flight is taken over), ``flight_at`` when it
-  started (a flight older than the lease is taken over whoever owns it).
+  started (a flight older than the lease is taken over whoever owns it). Half of each page is left free so
+  that filling in a flight's answer is a HOT update (no index write).
 - ``attempts.cached``: the request was answered from the cache (``cost_usd`` 0, the original tokens);
   ``attempts.saved_usd``: what the answer cost when it was first paid for.
 - ``cache_stats``: hits, misses (answered requests that went to a model), hit rate and the saved cost per
@@ -43,7 +44,7 @@ CREATE TABLE request_cache (
     flight text,
     flight_worker text,
     flight_at timestamptz
-);
+) WITH (fillfactor = 50);
 ALTER TABLE attempts ADD COLUMN cached boolean NOT NULL DEFAULT false,
                      ADD COLUMN saved_usd numeric(24, 12);
 CREATE VIEW cache_stats AS

@@ -208,7 +208,7 @@ def _wanted(i):
 
 
 def _fill(i, text):
-    return Fill(_wanted(i), json.dumps({"contents": [text], "finish_reasons": ["stop"]}), 10, 2, 0, 0, None,
+    return Fill(_wanted(i), {"contents": [text], "finish_reasons": ["stop"]}, 10, 2, 0, 0, None,
                 Decimal("0.001"))
 
 
