@@ -2,7 +2,7 @@
 
 Stages run in this process (no Celery: the worker's own work, without broker noise), 16 jobs per message
 as shipped, on an instant model (sim, 0 ms, its own process). Three runs per round, rounds interleaved so
-drift hits all three alike; medians over rounds:
+drift hits all three alike (off and miss take turns going first); medians over rounds:
 
 - off:  new rows of a task type with ``cache: false`` (the request path as it was before the cache);
 - miss: new rows of the same task with the cache on (key, flight claim, fill);
@@ -55,7 +55,7 @@ def _measure(box: Scratch, providers: ProviderPool, task: str, n: int, tag: str)
 
 
 def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row]:
-    n, rounds = (24, 1) if tiny else (320, 9)
+    n, rounds = (24, 1) if tiny else (320, 12)
     with scratch(svc, "cache") as box:
         sim = box.sim({"fast": {"latency_ms": 0}})
         cfg = config(sim.url)
@@ -67,10 +67,14 @@ def run(svc: Services, *, tiny: bool = False, profile: bool = False) -> list[Row
             _measure(box, providers, "single_off", 16, "warm")  # snapshots, HTTP keep-alive, plans
             _measure(box, providers, "single", 16, "warm")
             off, miss, hit = [], [], []
-            for _ in range(rounds):
+            for i in range(rounds):
                 tag = f" ({uuid.uuid4().hex[:12]})"
-                off.append(_measure(box, providers, "single_off", n, tag + " off"))
-                miss.append(_measure(box, providers, "single", n, tag))
+                if i % 2:  # alternate which of off and miss goes first
+                    miss.append(_measure(box, providers, "single", n, tag))
+                    off.append(_measure(box, providers, "single_off", n, tag + " off"))
+                else:
+                    off.append(_measure(box, providers, "single_off", n, tag + " off"))
+                    miss.append(_measure(box, providers, "single", n, tag))
                 hit.append(_measure(box, providers, "single", n, tag))
         finally:
             providers.close()

@@ -87,7 +87,8 @@ WITH wanted AS (
 )
 SELECT w.key, m.key IS NOT NULL AS mine, CASE WHEN {_FRESH} THEN c.answer END AS answer,
        c.input_tokens, c.output_tokens, c.cached_tokens, c.reasoning_tokens, c.served_model, c.cost_usd
-FROM wanted w LEFT JOIN mine m ON m.key = w.key LEFT JOIN request_cache c ON c.key = w.key
+FROM wanted w LEFT JOIN mine m ON m.key = w.key
+LEFT JOIN LATERAL (SELECT * FROM request_cache c WHERE c.key = w.key) c ON true
 """)
 
 
