@@ -15,6 +15,7 @@ from cascade.store.cache import Fill, Wanted, claim_keys, fill_keys
 from tests.integration import scenario
 from tests.integration.audit import audit as _audit
 from tests.integration.test_cli import _cli, _config_file
+from tests.integration.test_gateways import Run
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +308,52 @@ def test_the_cli_bypasses_shows_and_prunes_the_cache(env, sim, workers, tmp_path
     assert gone.returncode == 0 and f"deleted {entries} request cache entries" in gone.stderr, gone.stderr
     assert env.scalar("SELECT count(*) FROM request_cache") == 0
 
+
+
+def test_identical_requests_in_one_message_are_sent_once(env, sim):
+    # Given a message of 16 jobs holding 8 prompts twice each, side by side
+    server = sim(scenario.sim_config(seed=9))
+    r = Run(env, scenario.cascade_config(server.url))
+    try:
+        rows = [row for row in scenario.rows(8, "summary") for _ in range(2)]
+        batch = r.client.submit("summary", rows).batch_id
+        # When its stages run in this process
+        r.drive(batch)
+    finally:
+        r.close()
+    # Then each tier's request for a prompt went out once, and its twin took the answer as a hit
+    sent = env.rows("""SELECT j.key::int AS line, a.tier, a.cached, a.response FROM attempts a
+                       JOIN jobs j ON j.id = a.job_id ORDER BY 1, 2""")
+    assert len(server.seen()) == sum(not a.cached for a in sent) == sum(a.cached for a in sent) > 0
+    by_line = {(a.line, a.tier): a for a in sent}
+    for (line, tier), a in by_line.items():
+        if line % 2 == 0:  # the second copy of line - 1
+            twin = by_line[(line - 1, tier)]
+            assert a.cached and not twin.cached and a.response == twin.response
+
+
+def test_errors_refusals_and_cut_off_answers_are_never_stored(env, sim):
+    # Given tier 1 answering only cut-off choices (finish_reason length) and tier 2 refusing every sample
+    base = scenario.sim_config(seed=6)
+    models = {**base.models, "small": base.model("small").model_copy(update={"p_truncated": 1.0}),
+              "medium": base.model("medium").model_copy(update={"p_refusal": 1.0})}
+    server = sim(base.model_copy(update={"models": models}))
+    r = Run(env, scenario.cascade_config(server.url, max_retries=0))
+    rows = scenario.rows(6, "summary")
+    try:
+        first = r.submit(rows, task="summary")
+        r.drive(first)
+        paid = len(server.seen())
+        # When the rows run again
+        second = r.client.submit("summary", rows, key_field="id", idempotency_key="again").batch_id
+        r.drive(second)
+    finally:
+        r.close()
+    # Then only tier 3's answers were stored and reused; tiers 1 and 2 were asked again
+    assert {m for (m,) in env.rows("SELECT DISTINCT model FROM request_cache WHERE answer IS NOT NULL")} == {"sim-large"}
+    tiers = env.rows("""SELECT a.tier, bool_and(a.cached) AS all_cached, bool_or(a.cached) AS any_cached
+                        FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b GROUP BY 1 ORDER BY 1""",
+                     b=second)
+    assert [(t.tier, t.all_cached, t.any_cached) for t in tiers] == [(1, False, False), (2, False, False), (3, True, True)]
+    assert len(server.seen()) == paid + sum(1 for s in server.seen()[:paid] if s.model != "large")
+    assert _results(r.client, second) == _results(r.client, first)
