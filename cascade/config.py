@@ -118,6 +118,9 @@ class TierConfig(_Frozen):
     # that accept only their default); it is kept as no_temperature so a stored snapshot says the same.
     temperature: float | None = Field(None, ge=0, le=2)
     no_temperature: bool = False
+    # Backups of the same class, in order: a request that fails with a provider fault (5xx, timeout, lost
+    # connection, 429 past its patience) goes to the next healthy one; it never escalates the job.
+    fallbacks: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +149,10 @@ class TaskType(_Frozen):
     on_config_error: Literal["halt", "escalate"] = "halt"
     # false: this task type's requests never use the request cache (cascade.cache), reads or writes
     cache: bool = True
+    # Every model of a tier down (cascade.health): wait in Postgres for one to come back, at most
+    # outage_wait_s, then escalate as model_error:unavailable; or escalate at once.
+    on_outage: Literal["wait", "escalate"] = "wait"
+    outage_wait_s: float = Field(900.0, gt=0)
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -172,6 +179,17 @@ class ResolvedTier(_Frozen):
     prompt: str
     max_tokens: int
     temperature: float | None  # None: none is sent
+    #: the tier's backups, in order (``TierConfig.fallbacks``)
+    fallbacks: list[ModelConfig] = []
+
+    @property
+    def chain(self) -> list[ModelConfig]:
+        """The tier's model, then its fallbacks."""
+        return [self.model, *self.fallbacks]
+
+    def using(self, model: ModelConfig) -> ResolvedTier:
+        """This tier with ``model`` called instead (a fallback)."""
+        return self if model is self.model else self.model_copy(update={"model": model})
 
 
 class TaskSnapshot(_Frozen):
@@ -210,6 +228,7 @@ class TaskSnapshot(_Frozen):
             max_tokens=over.max_tokens or task.max_tokens,
             temperature=None if over.no_temperature else (
                 over.temperature if over.temperature is not None else task.temperature),
+            fallbacks=[self.models[name] for name in over.fallbacks],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -240,6 +259,7 @@ class CascadeConfig(_Frozen):
         """What a batch of task type ``name`` stores; ``cache_reads`` False: its requests skip cache reads."""
         task = self.task(name)
         used = {t if isinstance(t, str) else t.model for t in task.tiers}
+        used.update(f for t in task.tiers if not isinstance(t, str) for f in t.fallbacks)
         return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used},
                             cache_reads=cache_reads)
 
@@ -301,6 +321,15 @@ def _check_references(config: CascadeConfig, file: str) -> None:
                 known = ", ".join(sorted(models)) or "none"
                 raise ConfigError(f"unknown model {name!r} (known: {known})", file=file,
                                   path=f"task_types[{i}].tiers[{j}]")
+            backups = [] if isinstance(tier, str) else tier.fallbacks
+            for k, backup in enumerate(backups):
+                where = f"task_types[{i}].tiers[{j}].fallbacks[{k}]"
+                if backup not in models:
+                    known = ", ".join(sorted(models)) or "none"
+                    raise ConfigError(f"unknown model {backup!r} (known: {known})", file=file, path=where)
+                if backup == name or backup in backups[:k]:
+                    raise ConfigError(f"fallback {backup!r} is already in the tier (its model or an earlier "
+                                      "fallback)", file=file, path=where)
         for path, text in _templates(task):
             try:
                 template_fields(text)
@@ -382,6 +411,10 @@ class CascadeSettings(BaseSettings):
     # The Redis key prefix of every broker key (isolates test runs and tenants on one Redis).
     key_prefix: str = ""
     data_dir: Path = Path(".cascade")
+    # A model with this many provider faults in a row (every worker counted) is down for breaker_cooldown_s,
+    # then gets one probe request (cascade.health explains the defaults).
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
     # Request cache entries older than this are misses (and `cascade cache prune`'s default age); None: none
     # expires.
     cache_ttl_s: float | None = Field(None, gt=0)

@@ -13,6 +13,8 @@ __all__ = [
     "after_request_error",
     "after_verdict",
     "backoff",
+    "fails_over",
+    "is_fault",
     "is_retryable",
 ]
 
@@ -84,6 +86,24 @@ def is_retryable(kind: str, status: int | None) -> bool:
     if kind == "bad_response":
         return status == 200
     return kind in RETRYABLE
+
+
+#: Provider faults: the model or its provider is broken right now (not our request, not a rate limit).
+FAULTS = frozenset({"timeout", "unavailable", "connection", "bad_response"})
+
+
+def is_fault(kind: str, status: int | None) -> bool:
+    """Whether a failed request counts against its model's health (``cascade.health``): a 5xx, a timeout, a
+    lost connection or a broken 200 body; never a 429 (it means "later") nor a 4xx (our request is wrong)."""
+    return kind in FAULTS and is_retryable(kind, status)
+
+
+def fails_over(kind: str, status: int | None, step: RequestStep) -> bool:
+    """Whether a failed request goes to its tier's next model: a provider fault at once; a 429 once its
+    patience is spent or its wait would hand the job back to Postgres."""
+    if kind == "rate_limited":
+        return step.action in (RequestAction.DEFER, RequestAction.GIVE_UP)
+    return is_fault(kind, status)
 
 
 def backoff(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
-from cascade.policy import RequestAction, RequestStep, after_request_error, is_retryable
+from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
 from cascade.stages.cached import (
@@ -33,6 +33,7 @@ from cascade.stages.cached import (
     wait_for,
 )
 from cascade.stages.context import StageContext, request_threads
+from cascade.stages.failover import Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
@@ -55,6 +56,8 @@ class _Pending:
     failed: int = 0  # other failures
     tokens: int = 0  # reserved under rate_limit_tpm (settled to the real usage after the answer)
     cache: Cached | None = None  # None: its task type or model does not use the request cache
+    #: the tier as this request calls it now: None is the job's pick; a fallback after a provider fault
+    tier: ResolvedTier | None = None
 
 
 @dataclass
@@ -90,7 +93,8 @@ class _CallJob:
 
     claim: Claim
     snap: TaskSnapshot
-    tier: ResolvedTier
+    tier: ResolvedTier  # with the model picked for the job (cascade.stages.failover)
+    pick: Pick = field(default_factory=lambda: Pick(None))
     pending: list[_Pending] = field(default_factory=list)
     sent: list[_Sent] = field(default_factory=list)
 
@@ -141,8 +145,9 @@ def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_
         if not claimed:
             return [], 0, []
         history = store.prepare_attempts(conn, [claim for claim, _ in claimed], tier)
+        picker = Picker(ctx)
         planned = [plan for claim, snap in claimed
-                   if (plan := _requests(ctx, writes, claim, snap, history[claim.job_id])) is not None]
+                   if (plan := _requests(ctx, writes, picker, claim, snap, history[claim.job_id])) is not None]
         places = iter(plan_cache(ctx, conn, [(job.snap, job.tier, r) for job, requests in planned for r in requests]))
         dropped: list[Cached] = []
         for job, requests in planned:
@@ -169,17 +174,27 @@ def _sends_or_hits(pending: _Pending) -> bool:
     return pending.cache is None or pending.cache.role in (Role.SEND, Role.HIT)
 
 
-def _requests(ctx: StageContext, writes: Writes, claim: Claim, snap: TaskSnapshot,
+def _requests(ctx: StageContext, writes: Writes, picker: Picker, claim: Claim, snap: TaskSnapshot,
               past: store.History) -> tuple[_CallJob, list[Request]] | None:
-    """The job and the requests its tier needs, or None when its model is unusable (``writes`` has its
-    verdict)."""
-    tier = snap.tier(claim.tier)
+    """The job, with the model of its tier it calls, and the requests it needs; None when it moved at once
+    (``writes`` says where): every model of the tier is down, or the picked one is unusable."""
+    base = snap.tier(claim.tier)
+    pick = picker.pick(base)
+    if pick.tier is None:
+        task = snap.task_type
+        if task.on_outage == "escalate" or pick.down_for_s >= task.outage_wait_s:
+            writes.verdict(snap, claim, model_error("unavailable", outage_note(base, pick), samples=base.samples))
+        else:  # wait in Postgres, no worker slot held, until a cooldown ends
+            writes.move(claim, JobStatus.QUEUED, claim.tier, Stage.CALL, delay_s=pick.wait_s,
+                        error=outage_note(base, pick))
+        return None
+    tier = pick.tier
     unusable = _unusable_model(ctx, tier)
     if unusable is not None:
         writes.verdict(snap, claim, unusable)
         return None
     requests = plan_requests(tier, claim.input, set(past.answered), one_by_one=tier.model.name in ctx.n_ignored)
-    return _CallJob(claim, snap, tier), requests
+    return _CallJob(claim, snap, tier, pick), requests
 
 
 def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Request], cached: list[Cached | None],
@@ -296,33 +311,46 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
     if pending.cache is not None and pending.cache.role is not Role.SEND:
         _answer_from_cache(ctx, job, pending, pending.cache, sent)
         return
+    tier = pending.tier or job.tier
     attempt_id = pending.attempt_id
     if attempt_id is None:
         ctx.sleep(pending.wait_s)
-        attempt_id = _start_attempt(ctx, job, pending.request)
+        attempt_id = _start_attempt(ctx, job, pending.request, tier)
     while attempt_id is not None:
-        _await_pause(ctx, job.tier)
+        _await_pause(ctx, tier)
         started = time.monotonic()
         try:
-            done = send(ctx, job.snap, job.tier, pending.request)
+            done = send(ctx, job.snap, tier, pending.request)
         except ProviderError as exc:
             sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
             sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
-            step = _after_failure(ctx, job, pending, exc)
-            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, job.tier, pending, step, sent):
-                attempt_id = _start_attempt(ctx, job, pending.request)
+            if is_fault(exc.kind, exc.status):
+                ctx.health().report(tier.model.name, ok=False, probe=_probing(job, tier))
+            step = _after_failure(ctx, job, tier, pending, exc)
+            backup = job.pick.next_after(tier.model) if fails_over(exc.kind, exc.status, step) else None
+            if backup is not None:  # failover: the tier's next model, at once (no backoff, no escalation)
+                pending.tier, pending.limited, pending.failed = tier.using(backup), 0, 0
+                if _wait_to_retry(ctx, pending.tier, pending, RequestStep(RequestAction.RETRY), sent):
+                    tier = pending.tier
+                    attempt_id = _start_attempt(ctx, job, pending.request, tier)
+                    continue
+                return  # no rate-limit slot of the backup soon: the job waits in Postgres
+            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, tier, pending, step, sent):
+                attempt_id = _start_attempt(ctx, job, pending.request, tier)
                 continue
-            _stop(ctx, job, pending, sent, step, exc)
+            _stop(ctx, job, tier, pending, sent, step, exc)
             return
-        _settle(ctx, job.tier, pending, done)
-        sent.rows.append(answer_row(attempt_id, job.snap, job.tier, pending.request, done))
+        _settle(ctx, tier, pending, done)
+        ctx.health().report(tier.model.name, ok=True, probe=_probing(job, tier))
+        sent.rows.append(answer_row(attempt_id, job.snap, tier, pending.request, done))
         sent.answered = True
-        if pending.cache is not None:
+        if pending.cache is not None and tier.model is job.tier.model:  # its key names the model it was sent to
             keep_answer(pending.cache, job.snap, done)
         if done.missing:
-            ctx.ignores_n(job.tier.model.name, f"answered {done.choices_returned} of {pending.request.n} choices")
+            ctx.ignores_n(tier.model.name, f"answered {done.choices_returned} of {pending.request.n} choices")
             first = pending.request.sample + done.choices_returned
-            _send_split(ctx, job, pending.request, range(first, pending.request.sample + pending.request.n), sent)
+            _send_split(ctx, job, tier, pending.request, range(first, pending.request.sample + pending.request.n),
+                        sent)
         return
     sent.error_kind, sent.error_detail = "taken_over", "the job was handed to another worker"
 
@@ -350,26 +378,32 @@ def _answer_from_cache(ctx: StageContext, job: _CallJob, pending: _Pending, cach
     sent.answered = True
 
 
-def _stop(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent, step: RequestStep,
+def _probing(job: _CallJob, tier: ResolvedTier) -> bool:
+    """Whether a request of ``job`` to ``tier``'s model is that model's probe after its cooldown."""
+    return job.pick.probe and tier.model is job.tier.model
+
+
+def _stop(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending: _Pending, sent: _Sent, step: RequestStep,
           exc: ProviderError) -> None:
     """Carry out a step that ends the request here: split it, halt the batch, defer or give up."""
     if step.action is RequestAction.SPLIT:
-        ctx.ignores_n(job.tier.model.name, "refused n")
+        ctx.ignores_n(tier.model.name, "refused n")
         sent.error_kind, sent.error_detail = None, ""
         request = pending.request
-        _send_split(ctx, job, request, range(request.sample, request.sample + request.n), sent)
+        _send_split(ctx, job, tier, request, range(request.sample, request.sample + request.n), sent)
     elif step.action is RequestAction.HALT:
         sent.halted = store.pg_text(f"tier {job.claim.tier}: {exc}")
     elif step.action is RequestAction.DEFER or (step.action is RequestAction.RETRY and sent.defer_s):
         sent.defer_s = sent.defer_s or step.delay_s
 
 
-def _send_split(ctx: StageContext, job: _CallJob, request: Request, samples: range, sent: _Sent) -> None:
+def _send_split(ctx: StageContext, job: _CallJob, tier: ResolvedTier, request: Request, samples: range,
+                sent: _Sent) -> None:
     """Ask for ``samples`` one request each, all at once (the model ignored or refused ``n``)."""
     def one(part: Request) -> _Sent:
         out = _Sent()
         try:
-            _send_with_retries(ctx, job, _Pending(part, None), out)
+            _send_with_retries(ctx, job, _Pending(part, None, tier=tier), out)
         except Exception:  # as in _send_all: the other samples' answers are kept, the job is sent again
             log.exception("job %s tier %s: request for sample %s failed unexpectedly; the job is sent again",
                           job.claim.job_id, job.claim.tier, part.sample)
@@ -381,9 +415,9 @@ def _send_split(ctx: StageContext, job: _CallJob, request: Request, samples: ran
         sent.merge(out)
 
 
-def _after_failure(ctx: StageContext, job: _CallJob, pending: _Pending, exc: ProviderError) -> RequestStep:
+def _after_failure(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending: _Pending,
+                   exc: ProviderError) -> RequestStep:
     """Count the failure and ask the policy what comes next (no I/O)."""
-    tier = job.tier
     limited = exc.kind == "rate_limited"
     if limited:
         pending.limited += 1
@@ -415,11 +449,12 @@ def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, pending: _Pending, ste
     return True
 
 
-def _start_attempt(ctx: StageContext, job: _CallJob, request: Request) -> int | None:
-    """The row of a request about to go out; None when the claim was taken over meanwhile (no request)."""
+def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: ResolvedTier | None = None) -> int | None:
+    """The row of a request about to go out to ``tier``'s model (the job's pick by default); None when the
+    claim was taken over meanwhile (no request)."""
+    model = (tier or job.tier).model.name
     with ctx.engine.begin() as conn:
-        return store.start_held_attempt(conn, job.claim, job.tier.model.name, request.variant, request.sample,
-                                        request.n)
+        return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample, request.n)
 
 
 def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from cascade.config import CascadeSettings, TaskSnapshot
+from cascade.health import Health, RedisHealth
 from cascade.liveness import HeldClaims
 from cascade.providers import ProviderPool
 from cascade.publish import Publisher
@@ -39,6 +40,8 @@ class StageContext:
     settings: CascadeSettings
     sleep: Callable[[float], None] = time.sleep
     rate_limiter: RateLimiter | None = None
+    #: model health (circuit breakers); None means one on the broker's Redis, built on first use
+    model_health: Health | None = None
     worker_id: str | None = None
     held: HeldClaims = field(default_factory=HeldClaims)
     #: models seen ignoring or refusing ``n`` in this process: their samples go out one request each
@@ -68,6 +71,16 @@ class StageContext:
             self.rate_limiter = RedisRateLimiter.from_broker(self.settings.broker_url,
                                                              key_prefix=self.settings.key_prefix)
         return self.rate_limiter
+
+    def health(self) -> Health:
+        """The process's model health (``cascade.health``): shared through the broker's Redis, or every model
+        up when there is no broker."""
+        if self.model_health is None:
+            settings = self.settings
+            self.model_health = RedisHealth.from_broker(
+                settings.broker_url, key_prefix=settings.key_prefix, failures=settings.breaker_failures,
+                cooldown_s=settings.breaker_cooldown_s) if settings.broker_url else Health()
+        return self.model_health
 
     @property
     def limit_wait_s(self) -> float:

@@ -81,14 +81,15 @@ class Writes:
         if then is not None:
             self.next_steps[claim.job_id] = then
 
-    def verdict(self, snap: TaskSnapshot, claim: Claim, verdict: Verdict) -> None:
-        """Record a tier's verdict and move the job as the policy decides."""
+    def verdict(self, snap: TaskSnapshot, claim: Claim, verdict: Verdict, model: str | None = None) -> None:
+        """Record a tier's verdict and move the job as the policy decides; ``model``: the model that answered
+        (a fallback of the tier's), by default the tier's."""
         task = snap.task_type
         step = after_verdict(verdict.passed, claim.tier, snap.tier_count, on_exhausted=task.on_exhausted,
                              has_answer=verdict.votes > 0)
         accepted = step.action is Action.ACCEPT
         self.validations.append({
-            "job_id": claim.job_id, "tier": claim.tier, "model": snap.tier(claim.tier).model.name,
+            "job_id": claim.job_id, "tier": claim.tier, "model": model or snap.tier(claim.tier).model.name,
             # an answer the policy accepted as the last tier's counts as passed, as it always has
             "passed": accepted, "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
             "reasons": json.dumps(store.pg_json([] if accepted else [r.to_json() for r in verdict.reasons])),

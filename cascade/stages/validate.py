@@ -31,7 +31,7 @@ def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
         answers = store.answers_many(conn, [claim.job_id for claim, _ in claimed], tier)
         for claim, snap in claimed:
             got = answers[claim.job_id]
-            writes.verdict(snap, claim, judge(snap, tier, got.contents, got.truncated, got.refused))
+            writes.verdict(snap, claim, judge(snap, tier, got.contents, got.truncated, got.refused), got.model)
         moved, due = writes.write(conn)
     ctx.publisher.publish(due)
     return moved

@@ -175,7 +175,7 @@ def end_attempts(conn: Connection, rows: list[dict[str, Any]],  # Any: bound par
 
 
 _ANSWERS = text("""
-SELECT job_id, sample, response, truncated, refusals FROM attempts
+SELECT job_id, sample, response, truncated, refusals, model FROM attempts
 WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
 """)
 
@@ -188,15 +188,24 @@ class Answers:
     contents: dict[int, str | None]
     truncated: set[int]
     refused: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: answered samples per model that answered them (a tier's fallback answers some after a fault)
+    models: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str | None:
+        """The model that answered most of the samples (None: none answered)."""
+        return max(self.models, key=lambda m: self.models[m]) if self.models else None
 
 
 def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[int, Answers]:
     """Per job: the answers of the requests that count."""
     out = {i: Answers({}, set()) for i in job_ids}
-    for job_id, sample, response, truncated, refusals in conn.execute(_ANSWERS, {"ids": list(job_ids),
-                                                                                  "tier": tier}):
+    for job_id, sample, response, truncated, refusals, model in conn.execute(_ANSWERS, {"ids": list(job_ids),
+                                                                                         "tier": tier}):
+        got = out[job_id]
+        got.models[model] = got.models.get(model, 0) + len(response or [])
         for i, content in enumerate(response or []):
-            out[job_id].contents[sample + i] = content
+            got.contents[sample + i] = content
         out[job_id].truncated.update(truncated or [])
         for index, why in (refusals or {}).items():
             out[job_id].refused[int(index)] = (why["code"], why.get("detail", ""))
