@@ -122,6 +122,10 @@ class Health:
         """Whether an answer of ``model`` must be reported (it has faults counted, or is down)."""
         return False
 
+    def all_down(self, models: Sequence[str]) -> bool:
+        """Whether every one of ``models`` is down (in its cooldown or waiting for its probe's answer)."""
+        return False
+
 
 class RedisHealth(Health):
     """The breakers in Redis; one instance per process (its connection pool is shared by greenlets)."""
@@ -177,6 +181,18 @@ class RedisHealth(Health):
 
     def needs_reset(self, model: str) -> bool:
         return model in self._dirty
+
+    def all_down(self, models: Sequence[str]) -> bool:
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hget(self._prefix + model, "open_until")
+                opened = pipe.execute()
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+            return False
+        self._failing = False
+        return all(int(v or 0) > 0 for v in opened)
 
     def _unavailable(self, exc: redis.RedisError) -> None:
         if not self._failing:

@@ -33,7 +33,7 @@ from cascade.stages.cached import (
     wait_for,
 )
 from cascade.stages.context import StageContext, request_threads
-from cascade.stages.failover import Pick, Picker, outage_note
+from cascade.stages.failover import MAX_OUTAGE_WAIT_S, Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
@@ -324,10 +324,14 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
         except ProviderError as exc:
             sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
             sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
-            if is_fault(exc.kind, exc.status):
-                ctx.health().report(tier.model.name, ok=False, probe=_probing(job, tier))
+            fault = is_fault(exc.kind, exc.status)
+            down = fault and ctx.health().report(tier.model.name, ok=False, probe=_probing(job, tier))
             step = _after_failure(ctx, job, tier, pending, exc)
             backup = job.pick.next_after(tier.model) if fails_over(exc.kind, exc.status, step) else None
+            if backup is None and fault and (down or step.action is RequestAction.GIVE_UP) and _outage(ctx, job):
+                sent.defer_s = min(MAX_OUTAGE_WAIT_S, ctx.settings.breaker_cooldown_s)
+                sent.error_detail = f"every model of tier {job.claim.tier} is down: waiting for one to come back"
+                return
             if backup is not None:  # failover: the tier's next model, at once (no backoff, no escalation)
                 pending.tier, pending.limited, pending.failed = tier.using(backup), 0, 0
                 if _wait_to_retry(ctx, pending.tier, pending, RequestStep(RequestAction.RETRY), sent):
@@ -376,6 +380,13 @@ def _answer_from_cache(ctx: StageContext, job: _CallJob, pending: _Pending, cach
     row.update(cost_usd=Decimal(0), cached=True, saved_usd=entry.cost_usd)
     sent.rows.append(row)
     sent.answered = True
+
+
+def _outage(ctx: StageContext, job: _CallJob) -> bool:
+    """Whether a request that failed on the tier's last usable model should wait for the tier instead of
+    giving up: ``on_outage: wait`` and every model of the tier is down now."""
+    base = job.snap.tier(job.claim.tier)
+    return job.snap.task_type.on_outage == "wait" and ctx.health().all_down([m.name for m in base.chain])
 
 
 def _probing(job: _CallJob, tier: ResolvedTier) -> bool:
