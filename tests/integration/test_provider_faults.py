@@ -237,13 +237,14 @@ def audit(env: Any, client: Client, batch_id: str, snap: TaskSnapshot, expected:
 
 
 def test_provider_faults_end_as_the_policy_says(env, sim, workers, subtests):
-    # Given a sim whose tier-1 models each fail one way, and a worker and a sweeper on the real services
+    # Given a sim whose tier-1 models each fail one way, and a worker and a sweeper on the real services (the
+    # circuit breaker left out: this is each request's retry policy; test_failover.py covers the breaker)
     sim_cfg = fault_sim()
     server = sim(sim_cfg)
     settings = env.settings()
     client = Client(settings, engine=env.engine, config=fault_config(server.url),
                     publisher=CeleryPublisher.connect(settings, settings.broker_url))
-    worker = workers(concurrency=64)
+    worker = workers(concurrency=64, CASCADE_BREAKER_FAILURES="1000000")
     batches = {fid: _rows(fid, n) for fid, (_, n, _) in FAULTS.items()} | {DOWN: _rows(DOWN, 6)}
     expected = {fid: {r["id"]: predict(client.config.snapshot(fid), sim_cfg, r) for r in rows}
                 for fid, rows in batches.items()}
