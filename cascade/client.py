@@ -19,8 +19,9 @@ from typing import Any, Literal
 from sqlalchemy import Engine
 
 from cascade import producer, store
-from cascade.config import CascadeConfig, CascadeSettings, load_config, load_settings
+from cascade.config import CascadeConfig, CascadeSettings, TaskSnapshot, load_config, load_settings
 from cascade.errors import ConfigError, InputError
+from cascade.health import RedisHealth
 from cascade.publish import CeleryPublisher, Publisher
 
 __all__ = ["BatchStatus", "Client"]
@@ -156,6 +157,8 @@ class Client:
             cache = store.batch_cache_use(conn, batch_id) if notes else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
+        if notes:
+            notes_ += self._models_down(batch_id)
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
@@ -165,6 +168,22 @@ class Client:
         task_type, size, halted = batch
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
                            cache)
+
+    def _models_down(self, batch_id: str) -> list[str]:
+        """Notes on the batch's models that are down now (their circuit breakers, ``cascade.health``)."""
+        with self.engine.connect() as conn:
+            snap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id))
+        names = sorted(snap.models)
+        if not self.settings.broker_url or not names:
+            return []
+        health = RedisHealth.from_broker(self.settings.broker_url, key_prefix=self.settings.key_prefix)
+        try:
+            states = health.peek(names)
+        finally:
+            health.close()
+        return [f"model {name!r} is down ({s.fails} faults in a row, for {s.down_for_s:.0f} s): its tier uses its "
+                f"fallbacks; next probe in {s.cooldown_left_s:.0f} s" for name, s in zip(names, states, strict=True)
+                if not s.up]
 
     def jobs_by_stage(self, batch_id: str) -> list[tuple[int, str, str, int]]:
         """(tier, stage, status, count) of a batch's jobs: where each job is in the cascade right now."""

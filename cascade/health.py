@@ -122,9 +122,13 @@ class Health:
         """Whether an answer of ``model`` must be reported (it has faults counted, or is down)."""
         return False
 
+    def peek(self, models: Sequence[str]) -> list[ModelState]:
+        """Each model's state, read only (no probe is given out)."""
+        return [HEALTHY for _ in models]
+
     def all_down(self, models: Sequence[str]) -> bool:
         """Whether every one of ``models`` is down (in its cooldown or waiting for its probe's answer)."""
-        return False
+        return all(not s.up for s in self.peek(models))
 
 
 class RedisHealth(Health):
@@ -182,17 +186,24 @@ class RedisHealth(Health):
     def needs_reset(self, model: str) -> bool:
         return model in self._dirty
 
-    def all_down(self, models: Sequence[str]) -> bool:
+    def peek(self, models: Sequence[str]) -> list[ModelState]:
         try:
             with self._client.pipeline(transaction=False) as pipe:
+                pipe.time()
                 for model in models:
-                    pipe.hget(self._prefix + model, "open_until")
-                opened = pipe.execute()
+                    pipe.hmget(self._prefix + model, "fails", "open_until", "down_since")
+                now_s, *rows = pipe.execute()
         except redis.RedisError as exc:
             self._unavailable(exc)
-            return False
+            return [HEALTHY for _ in models]
         self._failing = False
-        return all(int(v or 0) > 0 for v in opened)
+        now = now_s[0] * _US + now_s[1]
+        out = []
+        for fails, open_until, down in rows:
+            opened, since = int(open_until or 0), int(down or 0)
+            out.append(ModelState(opened == 0, False, int(fails or 0), max(opened - now, 0) / _US,
+                                  (now - since) / _US if since else 0.0))
+        return out
 
     def _unavailable(self, exc: redis.RedisError) -> None:
         if not self._failing:

@@ -94,6 +94,8 @@ def test_a_dead_model_fails_over_and_its_breaker_sends_only_probes_until_it_answ
     _check(env, client, second, healthy_b, sim_cfg, rows[40:80])
     probes = _to(server, "small", since=started)
     assert probes <= 1 + int(took / 3), (probes, took)
+    # And status says which model is down
+    assert any(n.startswith("model 'small' is down") for n in client.status(second, notes=True).notes)
 
     # When the model comes back and its cooldown passes
     server.reconfigure(_sim(small_dead=False))
