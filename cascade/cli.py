@@ -120,6 +120,10 @@ def submit(
     skip_invalid: Annotated[Path | None, typer.Option(help="Write rejected rows here and submit the rest.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Send every request again instead of reading "
                                            "answers from the request cache (answers are still written).")] = False,
+    max_cost: Annotated[str | None, typer.Option(
+        "--max-cost", metavar="USD", help="Cap the batch's spend: no request goes out unless its cost's upper bound "
+                                          "fits in what is left; jobs that cannot afford their next request end "
+                                          "failed as budget_exhausted.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Submit a batch; prints its id on stdout."""
@@ -129,11 +133,13 @@ def submit(
 
     def run() -> Any:  # Any: SubmitResult
         from cascade import producer
+        from cascade.client import parse_cap
         from cascade.errors import ConfigError, InputError
 
         client = make_client(config)
+        cap = parse_cap(max_cost, "--max-cost")
         try:
-            snap = client.config.snapshot(task_type, cache_reads=not no_cache)
+            snap = client.config.snapshot(task_type, cache_reads=not no_cache, max_cost_usd=cap)
         except ConfigError as exc:
             if exc.file is not None:
                 raise
@@ -147,7 +153,7 @@ def submit(
                                         key_field=key_field, idempotency_key=idempotency_key,
                                         rejects_path=skip_invalid, on_committed=announce)
         return client.submit(task_type, file, fmt=kind, key_field=key_field, idempotency_key=idempotency_key,
-                             rejects_path=skip_invalid, on_committed=announce, cache=not no_cache)
+                             rejects_path=skip_invalid, on_committed=announce, cache=not no_cache, max_cost=cap)
 
     committed: list[str] = []
 
@@ -190,6 +196,10 @@ def _print_status(state: BatchStatus) -> None:
     table.add_row(str(state.rows), str(c.get("queued", 0)), str(c.get("running", 0)), str(c.get("succeeded", 0)),
                   str(c.get("failed", 0)), money(state.cost_usd))
     out.print(table)
+    if state.budget is not None:
+        cap, spent, reserved = state.budget
+        out.print(f"budget: {money(spent)} spent, {money(reserved)} reserved, {money(cap - spent - reserved)} left "
+                  f"of {money(cap)}", markup=False, highlight=False)
     if state.cache is not None and state.cache[0]:
         hits, misses, saved = state.cache
         out.print(f"cache: {hits} of {hits + misses} answered requests were hits, saving {money(saved)}",

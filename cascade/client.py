@@ -43,6 +43,8 @@ class BatchStatus:
     notes: list[str] = field(default_factory=list)
     #: (hits, misses, saved_usd) of the request cache for the batch's answered requests; None when not read
     cache: tuple[int, int, Decimal] | None = None
+    #: (cap, spent, reserved) of a batch submitted with a cap (``max_cost``); None without one
+    budget: tuple[Decimal, Decimal, Decimal] | None = None
 
     @property
     def finished(self) -> int:
@@ -58,7 +60,23 @@ class BatchStatus:
                 "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd),
                 "halted": self.halted, "notes": self.notes,
                 "cache": None if self.cache is None else {"hits": self.cache[0], "misses": self.cache[1],
-                                                          "saved_usd": str(self.cache[2])}}
+                                                          "saved_usd": str(self.cache[2])},
+                "budget": None if self.budget is None else {
+                    "cap_usd": str(self.budget[0]), "spent_usd": str(self.budget[1]),
+                    "reserved_usd": str(self.budget[2]), "left_usd": str(self.budget[0] - sum(self.budget[1:]))}}
+
+
+def parse_cap(value: Decimal | float | str | None, flag: str = "max_cost") -> Decimal | None:
+    """A budget cap in USD: None, or a finite number above 0 (InputError naming ``flag`` otherwise)."""
+    if value is None:
+        return None
+    try:
+        cap = Decimal(str(value))
+    except ArithmeticError:
+        raise InputError(f"{flag} must be a number of USD, not {value!r}") from None
+    if not cap.is_finite() or cap <= 0:
+        raise InputError(f"{flag} must be above 0 USD, not {value!r}")
+    return cap
 
 
 class Client:
@@ -110,10 +128,14 @@ class Client:
         rejects_path: Path | None = None,
         on_committed: Callable[[str], None] | None = None,
         cache: bool = True,
+        max_cost: Decimal | float | str | None = None,
     ) -> producer.SubmitResult:
         """Submit rows (dicts, or a JSONL/CSV file path) as one batch; see ``producer.submit_rows``. With
-        ``cache=False`` every request of the batch goes to its model (answers are still written to the cache)."""
-        snap = self.config.snapshot(task_type, cache_reads=cache)
+        ``cache=False`` every request of the batch goes to its model (answers are still written to the cache).
+        ``max_cost``: a cap in USD on the batch's spend (InputError unless it is a number above 0): no request
+        goes out unless its cost's upper bound fits in what is left; a job that cannot afford its next request
+        ends failed as ``budget_exhausted``."""
+        snap = self.config.snapshot(task_type, cache_reads=cache, max_cost_usd=parse_cap(max_cost))
         kw: dict[str, Any] = {"key_field": key_field, "idempotency_key": idempotency_key,  # Any: keyword args
                               "rejects_path": rejects_path, "on_committed": on_committed}
         if isinstance(rows, str | Path):
@@ -155,6 +177,8 @@ class Client:
             rows = store.count_jobs(conn, batch_id)
             ignoring_n = store.models_ignoring_n(conn, batch_id) if notes else []
             cache = store.batch_cache_use(conn, batch_id) if notes else None
+            cap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id)).max_cost_usd if notes else None
+            budget = (cap, *store.batch_budget(conn, batch_id)) if cap is not None else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
         if notes:
@@ -167,7 +191,7 @@ class Client:
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
         task_type, size, halted = batch
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
-                           cache)
+                           cache, budget)
 
     def _models_down(self, batch_id: str) -> list[str]:
         """Notes on the batch's models that are down now (their circuit breakers, ``cascade.health``)."""

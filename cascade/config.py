@@ -200,6 +200,9 @@ class TaskSnapshot(_Frozen):
     #: False: this batch was submitted with --no-cache: its requests all go out (their answers are still
     #: written to the cache). Not part of ``config_hash``: it changes what is paid, not what is asked.
     cache_reads: bool = True
+    #: the batch's cap on spend (``--max-cost``): no request goes out unless its cost's upper bound fits in
+    #: what is left (``cascade.stages.budget``). Not part of ``config_hash`` either.
+    max_cost_usd: Decimal | None = Field(None, gt=0)
 
     def caches(self, tier: ResolvedTier) -> bool:
         """Whether the tier's requests are written to the request cache (task type and model allow it)."""
@@ -236,7 +239,7 @@ class TaskSnapshot(_Frozen):
 
     def config_hash(self) -> str:
         data = self.to_json()
-        del data["cache_reads"]
+        del data["cache_reads"], data["max_cost_usd"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -255,13 +258,14 @@ class CascadeConfig(_Frozen):
         known = ", ".join(sorted(t.name for t in self.task_types))
         raise ConfigError(f"unknown task type {name!r} (known: {known})")
 
-    def snapshot(self, name: str, *, cache_reads: bool = True) -> TaskSnapshot:
-        """What a batch of task type ``name`` stores; ``cache_reads`` False: its requests skip cache reads."""
+    def snapshot(self, name: str, *, cache_reads: bool = True, max_cost_usd: Decimal | None = None) -> TaskSnapshot:
+        """What a batch of task type ``name`` stores; ``cache_reads`` False: its requests skip cache reads;
+        ``max_cost_usd``: its cap on spend."""
         task = self.task(name)
         used = {t if isinstance(t, str) else t.model for t in task.tiers}
         used.update(f for t in task.tiers if not isinstance(t, str) for f in t.fallbacks)
         return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used},
-                            cache_reads=cache_reads)
+                            cache_reads=cache_reads, max_cost_usd=max_cost_usd)
 
 
 def template_fields(template: str) -> list[str]:

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import Connection
+
 from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
+from cascade.stages.budget import OverBudget, cost_bound, earlier_answer, settle_rows
 from cascade.stages.cached import (
     Cached,
     Role,
@@ -37,6 +40,7 @@ from cascade.stages.failover import MAX_OUTAGE_WAIT_S, Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
+from cascade.store.cache import Fill
 from cascade.validate import Verdict, model_error
 
 __all__ = ["run_call", "run_calls"]
@@ -58,6 +62,8 @@ class _Pending:
     cache: Cached | None = None  # None: its task type or model does not use the request cache
     #: the tier as this request calls it now: None is the job's pick; a fallback after a provider fault
     tier: ResolvedTier | None = None
+    #: the upper bound of its cost (reserved under its batch's budget, the estimate if it never comes back)
+    bound: Decimal = Decimal(0)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class _Sent:
     halted: str | None = None
     #: the identical request this one waited for ended without an answer: the job is sent again at once
     again: bool = False
+    #: its next request did not fit in the batch's budget
+    over_budget: bool = False
 
     def merge(self, other: _Sent) -> None:
         """Take in what a one-sample request split from this one left."""
@@ -83,6 +91,7 @@ class _Sent:
         self.crashed = self.crashed or other.crashed
         self.halted = self.halted or other.halted
         self.again = self.again or other.again
+        self.over_budget = self.over_budget or other.over_budget
         if other.error_kind and not self.error_kind:
             self.error_kind, self.error_detail = other.error_kind, other.error_detail
 
@@ -156,12 +165,14 @@ def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_
                 jobs.append(job)
             else:
                 dropped += [c for c in cached if c is not None]
+        jobs = _within_budget(conn, writes, jobs, history, dropped)
         release_all(conn, dropped)
         # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting
         # (for their slot, or for the identical request whose answer they take).
         now = [(job, p) for job in jobs for p in job.pending if p.wait_s <= 0 and _sends_or_hits(p)]
         ids = store.start_attempts(conn, [store.NewAttempt(job.claim.job_id, tier, job.tier.model.name,
-                                                           p.request.variant, p.request.sample, p.request.n)
+                                                           p.request.variant, p.request.sample, p.request.n,
+                                                           p.bound or None)
                                           for job, p in now])
         for (_, p), attempt_id in zip(now, ids, strict=True):
             p.attempt_id = attempt_id
@@ -214,9 +225,38 @@ def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Reque
     waits = {i: slots.wait_s(k) for k, i in enumerate(sending)}
     job.pending = [_Pending(r, None, waits.get(i, 0.0), past.failures.get((r.sample, r.n, True), 0),
                             past.failures.get((r.sample, r.n, False), 0),
-                            _tokens(tier, r) if booked and i in waits else 0, cached[i])
+                            _tokens(tier, r) if booked and i in waits else 0, cached[i],
+                            bound=cost_bound(tier, r) if i in waits else Decimal(0))
                    for i, r in enumerate(requests)]
     return True
+
+
+def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], history: dict[int, store.History],
+                   dropped: list[Cached]) -> list[_CallJob]:
+    """The jobs whose requests fit in their batch's budget, reserved in one conditional UPDATE per capped
+    batch (in claim order); the others end as ``budget_exhausted`` (their cache flights join ``dropped``).
+    Requests of earlier claims that never came back are counted as spent at their bound first."""
+    kept: list[_CallJob] = []
+    capped: dict[str, list[_CallJob]] = {}
+    for job in jobs:
+        cap = job.snap.max_cost_usd
+        if cap is None:
+            kept.append(job)
+            continue
+        estimated = history[job.claim.job_id].estimated
+        store.settle_budget(conn, job.claim.batch_id, spent=estimated, released=estimated)
+        capped.setdefault(job.claim.batch_id, []).append(job)
+    for batch_jobs in capped.values():
+        cap = batch_jobs[0].snap.max_cost_usd
+        assert cap is not None
+        amounts = [sum((p.bound for p in job.pending), Decimal(0)) for job in batch_jobs]
+        fits = store.reserve_budget(conn, batch_jobs[0].claim.batch_id, cap, amounts)
+        kept += batch_jobs[:fits]
+        for job, amount in zip(batch_jobs[fits:], amounts[fits:], strict=True):
+            writes.budget_exhausted(job.snap, job.claim, f"its requests may cost up to ${amount} and the batch's "
+                                    f"budget of ${cap} has less left", earlier_answer(conn, job.snap, job.claim))
+            dropped += [p.cache for p in job.pending if p.cache is not None]
+    return kept
 
 
 def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
@@ -308,21 +348,31 @@ def _send_all(ctx: StageContext, jobs: list[_CallJob]) -> None:
 def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent) -> None:
     """Send one request, retrying as the policy says; every request has its attempts row first. Stops when
     the claim was taken over (``taken_over``: nothing more goes out for a job this worker no longer holds)."""
-    if pending.cache is not None and pending.cache.role is not Role.SEND:
-        _answer_from_cache(ctx, job, pending, pending.cache, sent)
-        return
+    try:
+        if pending.cache is not None and pending.cache.role is not Role.SEND:
+            _answer_from_cache(ctx, job, pending, pending.cache, sent)
+        else:
+            _send_and_retry(ctx, job, pending, sent)
+    except OverBudget:
+        sent.over_budget = True
+
+
+def _send_and_retry(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent) -> None:
+    """``_send_with_retries`` for a request that goes to a model (raises ``OverBudget``)."""
     tier = pending.tier or job.tier
     attempt_id = pending.attempt_id
     if attempt_id is None:
         ctx.sleep(pending.wait_s)
-        attempt_id = _start_attempt(ctx, job, pending.request, tier)
+        pending.bound = pending.bound or cost_bound(tier, pending.request)
+        attempt_id = _start_attempt(ctx, job, pending.request, tier, pending.bound)
     while attempt_id is not None:
         _await_pause(ctx, tier)
         started = time.monotonic()
         try:
             done = send(ctx, job.snap, tier, pending.request)
         except ProviderError as exc:
-            sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000)))
+            sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000))
+                             | _budget_keys(job, pending))
             sent.error_kind, sent.error_detail = exc.kind, store.pg_text(str(exc))
             fault = is_fault(exc.kind, exc.status)
             down = fault and ctx.health().report(tier.model.name, ok=False, probe=_probing(job, tier))
@@ -334,19 +384,20 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
                 return
             if backup is not None:  # failover: the tier's next model, at once (no backoff, no escalation)
                 pending.tier, pending.limited, pending.failed = tier.using(backup), 0, 0
-                if _wait_to_retry(ctx, pending.tier, pending, RequestStep(RequestAction.RETRY), sent):
+                if _wait_to_retry(ctx, job, pending.tier, pending, RequestStep(RequestAction.RETRY), sent):
                     tier = pending.tier
-                    attempt_id = _start_attempt(ctx, job, pending.request, tier)
+                    pending.bound = cost_bound(tier, pending.request)
+                    attempt_id = _start_attempt(ctx, job, pending.request, tier, pending.bound)
                     continue
                 return  # no rate-limit slot of the backup soon: the job waits in Postgres
-            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, tier, pending, step, sent):
-                attempt_id = _start_attempt(ctx, job, pending.request, tier)
+            if step.action is RequestAction.RETRY and _wait_to_retry(ctx, job, tier, pending, step, sent):
+                attempt_id = _start_attempt(ctx, job, pending.request, tier, pending.bound)
                 continue
             _stop(ctx, job, tier, pending, sent, step, exc)
             return
         _settle(ctx, tier, pending, done)
         ctx.health().report(tier.model.name, ok=True, probe=_probing(job, tier))
-        sent.rows.append(answer_row(attempt_id, job.snap, tier, pending.request, done))
+        sent.rows.append(answer_row(attempt_id, job.snap, tier, pending.request, done) | _budget_keys(job, pending))
         sent.answered = True
         if pending.cache is not None and tier.model is job.tier.model:  # its key names the model it was sent to
             keep_answer(pending.cache, job.snap, done)
@@ -441,13 +492,13 @@ def _after_failure(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending
         max_inline_wait_s=ctx.settings.max_inline_wait_s, on_config_error=job.snap.task_type.on_config_error)
 
 
-def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, pending: _Pending, step: RequestStep,
+def _wait_to_retry(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending: _Pending, step: RequestStep,
                    sent: _Sent) -> bool:
     """Carry out a RETRY step: record the failed request, back off, take a rate-limit slot (the failed
     request's tokens stay counted: the provider may have counted them too). False when no slot comes soon
     (``sent.defer_s`` then says how long the job waits in Postgres)."""
     with ctx.engine.begin() as conn:  # a failed request is recorded before its retry goes out
-        store.end_attempts(conn, sent.rows)
+        _end_rows(conn, [job], sent.rows)
     sent.rows.clear()
     ctx.sleep(step.delay_s)
     slot = _reserve(ctx, tier, [pending.request], hold=None)
@@ -460,12 +511,39 @@ def _wait_to_retry(ctx: StageContext, tier: ResolvedTier, pending: _Pending, ste
     return True
 
 
-def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: ResolvedTier | None = None) -> int | None:
-    """The row of a request about to go out to ``tier``'s model (the job's pick by default); None when the
+def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: ResolvedTier | None = None,
+                   bound: Decimal = Decimal(0)) -> int | None:
+    """The row of a request about to go out to ``tier``'s model (the job's pick by default), its cost
+    ``bound`` reserved under the batch's budget first (``OverBudget`` when it does not fit); None when the
     claim was taken over meanwhile (no request)."""
     model = (tier or job.tier).model.name
+    cap = job.snap.max_cost_usd
     with ctx.engine.begin() as conn:
-        return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample, request.n)
+        if cap is not None and bound and not store.reserve_budget(conn, job.claim.batch_id, cap, [bound]):
+            raise OverBudget
+        attempt_id = store.start_held_attempt(conn, job.claim, model, request.variant, request.sample, request.n,
+                                              bound or None)
+        if attempt_id is None and cap is not None:
+            store.settle_budget(conn, job.claim.batch_id, spent=Decimal(0), released=bound)
+        return attempt_id
+
+
+def _budget_keys(job: _CallJob, pending: _Pending) -> dict[str, Any]:  # Any: row values
+    """What ``_end_rows`` needs of a row to settle its batch's budget (``store.end_attempts`` ignores them)."""
+    return {"reserved_usd": pending.bound, "batch_id": job.claim.batch_id}
+
+
+def _end_rows(conn: Connection, jobs: Sequence[_CallJob], rows: list[dict[str, Any]],  # Any: attempts rows
+              fills: Sequence[Fill] = ()) -> None:
+    """Record ended requests (``store.end_attempts``) and settle the capped batches' budgets."""
+    late = store.end_attempts(conn, rows, fills)
+    capped = {job.claim.batch_id for job in jobs if job.snap.max_cost_usd is not None}
+    by_batch: dict[str, list[dict[str, Any]]] = {}  # Any: attempts rows
+    for row in rows:
+        if row.get("batch_id") in capped:
+            by_batch.setdefault(row["batch_id"], []).append(row)
+    for batch, batch_rows in by_batch.items():
+        settle_rows(conn, batch, batch_rows, late)
 
 
 def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
@@ -473,7 +551,7 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
     writes = Writes()
     with ctx.engine.begin() as conn:
         cached = [(p.cache, job.snap, job.tier) for job in jobs for p in job.pending if p.cache is not None]
-        store.end_attempts(conn, [row for job in jobs for s in job.sent for row in s.rows], fills_of(cached))
+        _end_rows(conn, jobs, [row for job in jobs for s in job.sent for row in s.rows], fills_of(cached))
         release_all(conn, [c for c, _, _ in cached if c.answer is None])
         for job in jobs:
             if (reason := _halted(job)) is not None:
@@ -483,7 +561,11 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
         answered = store.answers_many(conn, [job.claim.job_id for job in gave_up], jobs[0].claim.tier) \
             if gave_up else {}
         for job in jobs:
-            _end(writes, job, answered.get(job.claim.job_id))
+            if _halted(job) is None and any(s.over_budget for s in job.sent):
+                writes.budget_exhausted(job.snap, job.claim, "its next request did not fit in the batch's budget of "
+                                        f"${job.snap.max_cost_usd}", earlier_answer(conn, job.snap, job.claim))
+            else:
+                _end(writes, job, answered.get(job.claim.job_id))
         moved, due = writes.write(conn)
     ctx.publisher.publish(due)
     return moved

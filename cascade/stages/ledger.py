@@ -103,6 +103,21 @@ class Writes:
             error = "; ".join(f"{r.code}: {r.detail}" if r.detail else r.code for r in verdict.reasons)[:1000]
             self.move(claim, JobStatus.FAILED, claim.tier, Stage.VALIDATE, error=store.pg_text(error))
 
+    def budget_exhausted(self, snap: TaskSnapshot, claim: Claim, detail: str, earlier: Any = None) -> None:
+        """End a job whose next request does not fit in its batch's budget: recorded as this tier's failed
+        validation (``budget_exhausted``); the job fails, or with ``on_exhausted: accept_last`` keeps
+        ``earlier``, the valid answer of a tier before (None: it has none)."""
+        self.validations.append({
+            "job_id": claim.job_id, "tier": claim.tier, "model": snap.tier(claim.tier).model.name, "passed": False,
+            "agreement": None, "votes": 0, "samples": snap.tier(claim.tier).samples,
+            "reasons": json.dumps([{"code": "budget_exhausted", "detail": store.pg_text(detail[:500])}]),
+        })
+        if earlier is not None and snap.task_type.on_exhausted == "accept_last":
+            self.move(claim, JobStatus.SUCCEEDED, claim.tier, Stage.VALIDATE,
+                      output_json=json.dumps(store.pg_json(earlier)))
+        else:
+            self.move(claim, JobStatus.FAILED, claim.tier, Stage.VALIDATE, error="budget_exhausted")
+
     def write(self, conn: Connection) -> tuple[int, list[Due]]:
         """Write everything in ``conn``'s transaction; returns how many jobs moved and the messages due for
         them. A verdict is recorded only for a job that moved: a claim that was taken over leaves no trace."""

@@ -48,6 +48,7 @@ from cascade.store.batches import (
     queued_calls,
     resume_batch,
 )
+from cascade.store.budget import batch_budget, reserve_budget, settle_budget
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
 from cascade.store.reports import count_eval_batches, escalation_stats, escalation_stats_of, record_eval_run
@@ -76,6 +77,7 @@ __all__ = [
     "NewBatch",
     "Stage",
     "answers_many",
+    "batch_budget",
     "batch_by_key",
     "batch_cache_use",
     "batch_config",
@@ -111,7 +113,9 @@ __all__ = [
     "release",
     "release_sweep_lock",
     "renew_leases",
+    "reserve_budget",
     "resume_batch",
+    "settle_budget",
     "stamp_deferred_due",
     "stamp_stalled",
     "start_attempts",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -36,10 +37,15 @@ class History:
 
     answered: frozenset[int]
     failures: dict[tuple[int, int, bool], int]
+    #: the cost bounds of this job's requests just marked interrupted (now counted as their estimated cost)
+    estimated: Decimal = Decimal(0)
 
 
+# A request that never came back was probably billed: it keeps its cost bound as an estimate.
 _INTERRUPT = text("""
-UPDATE attempts SET error = 'interrupted' WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
+UPDATE attempts SET error = 'interrupted', cost_usd = coalesce(reserved_usd, 0), cost_estimated = coalesce(reserved_usd, 0) > 0
+WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
+RETURNING job_id, coalesce(reserved_usd, 0) AS estimate
 """)
 # An answer covers the choices that came back (a backend that ignores n answers fewer than it was asked).
 _HISTORY = text("""
@@ -51,7 +57,9 @@ WHERE job_id = ANY(:ids) AND tier = :tier AND (error IS NULL OR error NOT IN ('i
 def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> dict[int, History]:
     """Mark requests of earlier claims that never finished as interrupted; return each job's history."""
     ids = [c.job_id for c in claims]
-    conn.execute(_INTERRUPT, {"ids": ids, "tier": tier})
+    estimated: dict[int, Decimal] = {}
+    for job_id, estimate in conn.execute(_INTERRUPT, {"ids": ids, "tier": tier}):
+        estimated[job_id] = estimated.get(job_id, Decimal(0)) + estimate
     answered: dict[int, set[int]] = {i: set() for i in ids}
     failures: dict[int, dict[tuple[int, int, bool], int]] = {i: {} for i in ids}
     for job_id, sample, n, returned, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
@@ -60,7 +68,7 @@ def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> di
         else:
             key = (sample, n, error == "rate_limited")
             failures[job_id][key] = failures[job_id].get(key, 0) + 1
-    return {i: History(frozenset(answered[i]), failures[i]) for i in ids}
+    return {i: History(frozenset(answered[i]), failures[i], estimated.get(i, Decimal(0))) for i in ids}
 
 
 @dataclass(frozen=True)
@@ -71,13 +79,15 @@ class NewAttempt:
     variant: str | None
     sample: int
     n: int
+    reserved_usd: Decimal | None = None  # the upper bound of its cost
 
 
 _NEW_ATTEMPTS = text("""
-INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
-SELECT job_id, tier, model, variant, sample, n, 'in_flight'
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error, reserved_usd)
+SELECT job_id, tier, model, variant, sample, n, 'in_flight', reserved_usd
 FROM unnest(CAST(:job_ids AS bigint[]), CAST(:tiers AS int[]), CAST(:models AS text[]), CAST(:variants AS text[]),
-            CAST(:samples AS int[]), CAST(:ns AS int[])) AS a(job_id, tier, model, variant, sample, n)
+            CAST(:samples AS int[]), CAST(:ns AS int[]), CAST(:reserved AS numeric[]))
+     AS a(job_id, tier, model, variant, sample, n, reserved_usd)
 RETURNING id, job_id, tier, sample
 """)
 
@@ -89,14 +99,15 @@ def start_attempts(conn: Connection, new: Sequence[NewAttempt]) -> list[int]:
     if not new:
         return []
     params = {"job_ids": [a.job_id for a in new], "tiers": [a.tier for a in new], "models": [a.model for a in new],
-              "variants": [a.variant for a in new], "samples": [a.sample for a in new], "ns": [a.n for a in new]}
+              "variants": [a.variant for a in new], "samples": [a.sample for a in new], "ns": [a.n for a in new],
+              "reserved": [a.reserved_usd for a in new]}
     ids = {(job_id, tier, sample): int(i) for i, job_id, tier, sample in conn.execute(_NEW_ATTEMPTS, params)}
     return [ids[(a.job_id, a.tier, a.sample)] for a in new]
 
 
 _HELD_ATTEMPT = text("""
-INSERT INTO attempts (job_id, tier, model, variant, sample, n, error)
-SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight' FROM jobs
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error, reserved_usd)
+SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight', :reserved FROM jobs
 WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no
 FOR NO KEY UPDATE
 RETURNING id
@@ -104,14 +115,15 @@ RETURNING id
 
 
 def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str | None, sample: int,
-                       n: int) -> int | None:
+                       n: int, reserved_usd: Decimal | None = None) -> int | None:
     """Insert the row of one request about to go out, if ``held`` is still this worker's claim; None when the
     job was taken over (the worker froze or lost Postgres for longer than the dead-after bound): its request
     must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted; it
     is the lock the attempts triggers take anyway (migration 0004), so concurrent requests of one job queue
     behind each other instead of deadlocking."""
     row = conn.execute(_HELD_ATTEMPT, {"job_id": held.job_id, "claim_no": held.claim_no, "tier": held.tier,
-                                       "model": model, "variant": variant, "sample": sample, "n": n}).first()
+                                       "model": model, "variant": variant, "sample": sample, "n": n,
+                                       "reserved": reserved_usd}).first()
     return None if row is None else int(row.id)
 
 
@@ -128,7 +140,7 @@ UPDATE attempts a SET latency_ms = e.latency_ms, input_tokens = e.input_tokens, 
                       cached_tokens = coalesce(e.cached_tokens, 0), reasoning_tokens = coalesce(e.reasoning_tokens, 0),
                       choices = e.choices, refusals = CAST(e.refusals AS jsonb), request_id = e.request_id,
                       served_model = e.served_model, gateway_cost_usd = e.gateway_cost_usd,
-                      cached = coalesce(e.cached, false), saved_usd = e.saved_usd
+                      cached = coalesce(e.cached, false), saved_usd = e.saved_usd, cost_estimated = false
 FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_tokens AS int[]),
             CAST(:output_tokens AS int[]), CAST(:cost_usd AS numeric[]), CAST(:error AS text[]),
             CAST(:detail AS text[]), CAST(:response AS text[]), CAST(:truncated AS text[]),
@@ -138,7 +150,7 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:latency_ms AS int[]), CAST(:input_toke
      AS e(id, latency_ms, input_tokens, output_tokens, cost_usd, error, detail, response, truncated, cached_tokens,
           reasoning_tokens, choices, refusals, request_id, served_model, gateway_cost_usd, cached, saved_usd)
 WHERE a.id = e.id AND a.error IN ('in_flight', 'interrupted')
-RETURNING a.job_id, a.error = 'interrupted' AS late
+RETURNING a.id, a.job_id, a.error = 'interrupted' AS late
 """
 _END_ATTEMPTS = text(_END_ATTEMPTS_SQL)
 # The same, storing answers in the request cache on the way (one round trip for both).
@@ -154,24 +166,27 @@ WHERE id = ANY(:ids)
 
 
 def end_attempts(conn: Connection, rows: list[dict[str, Any]],  # Any: bound parameters
-                 fills: Sequence[Fill] = ()) -> None:
+                 fills: Sequence[Fill] = ()) -> set[int]:
     """Record the outcome of requests (keys: id, latency_ms, input/output_tokens, cost_usd, error, detail,
     response, truncated and refusals as JSON text or None; and what the provider told: cached_tokens,
     reasoning_tokens, choices, request_id, served_model, gateway_cost_usd; and for an answer read from the
     request cache, cached and saved_usd; any but the first eight may be left out) in one statement. A request
     whose claim was taken over meanwhile stays ``interrupted``, with its cost added to its job. ``fills``:
-    answers to store in the request cache in the same statement (``store.cache.fill_keys``)."""
+    answers to store in the request cache in the same statement (``store.cache.fill_keys``). Returns the ids
+    of the late ones (interrupted meanwhile: their estimated cost replaced by the real one)."""
     if not rows:
         fill_keys(conn, fills)
+        return set()
     else:
         params: dict[str, Any] = {"ids": [r["id"] for r in rows]}  # Any: column values
         params.update({name: [r.get(name) for r in rows] for name in _END_FIELDS})
         if fills:
             params["fills"] = fill_param(fills)
-        late = {job_id for job_id, is_late in conn.execute(_END_AND_FILL if fills else _END_ATTEMPTS, params)
-                if is_late}
+        late = {(attempt_id, job_id) for attempt_id, job_id, is_late
+                in conn.execute(_END_AND_FILL if fills else _END_ATTEMPTS, params) if is_late}
         if late:
-            conn.execute(_RECOST, {"ids": sorted(late)})
+            conn.execute(_RECOST, {"ids": sorted({job_id for _, job_id in late})})
+        return {attempt_id for attempt_id, _ in late}
 
 
 _ANSWERS = text("""

@@ -1,0 +1,54 @@
+"""The call stage's side of budgets (``cascade.store.budget``): what a request may cost at most, and what a job
+that cannot afford its next request keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Connection
+
+from cascade import store
+from cascade.config import ResolvedTier, TaskSnapshot
+from cascade.ratelimit import upper_bound_tokens
+from cascade.stages.requests import Request
+from cascade.stages.validate import judge
+from cascade.store import Claim
+
+__all__ = ["OverBudget", "cost_bound", "earlier_answer", "settle_rows"]
+
+
+class OverBudget(Exception):
+    """The next request of a job does not fit in what is left of its batch's budget."""
+
+
+def cost_bound(tier: ResolvedTier, request: Request) -> Decimal:
+    """The most ``request`` can cost: its prompt's UTF-8 bytes (a token is never shorter than a byte) plus a
+    small overhead per message as input, ``max_tokens`` for each of its n choices as output, at the model's
+    prices (no cached-token discount)."""
+    prompt = upper_bound_tokens(request.messages, n=0, max_tokens=0)
+    return tier.model.price.cost(prompt, tier.max_tokens * request.n, 0)
+
+
+def settle_rows(conn: Connection, batch_id: str, rows: Iterable[dict[str, Any]], late: set[int]) -> None:  # Any: rows
+    """After ``store.end_attempts``: count the ended requests' costs as the batch's spend and give back their
+    reservations (a late one's reservation was already counted, as its estimated cost, when it was
+    interrupted)."""
+    spent, released = Decimal(0), Decimal(0)
+    for row in rows:
+        bound = row.get("reserved_usd") or Decimal(0)
+        spent += row["cost_usd"] - (bound if row["id"] in late else 0)
+        released += 0 if row["id"] in late else bound
+    store.settle_budget(conn, batch_id, spent=spent, released=released)
+
+
+def earlier_answer(conn: Connection, snap: TaskSnapshot, claim: Claim) -> Any:  # Any: the answer's JSON value
+    """The valid answer of the highest tier before the job's current one (what ``on_exhausted: accept_last``
+    keeps when the budget ends the job), or None."""
+    for tier in range(claim.tier - 1, 0, -1):
+        got = store.answers_many(conn, [claim.job_id], tier)[claim.job_id]
+        verdict = judge(snap, tier, got.contents, got.truncated, got.refused)
+        if verdict.votes > 0:
+            return verdict.result
+    return None
