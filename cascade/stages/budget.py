@@ -16,11 +16,15 @@ from cascade.stages.requests import Request
 from cascade.stages.validate import judge
 from cascade.store import Claim
 
-__all__ = ["OverBudget", "cost_bound", "earlier_answer", "settle_rows"]
+__all__ = ["BudgetBusy", "OverBudget", "cost_bound", "earlier_answer", "settle_rows"]
 
 
 class OverBudget(Exception):
     """The next request of a job does not fit in what is left of its batch's budget."""
+
+
+class BudgetBusy(Exception):
+    """The next request of a job would fit in the budget, but requests in flight hold the rest for now."""
 
 
 def cost_bound(tier: ResolvedTier, request: Request) -> Decimal:

@@ -24,7 +24,7 @@ from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
-from cascade.stages.budget import OverBudget, cost_bound, earlier_answer, settle_rows
+from cascade.stages.budget import BudgetBusy, OverBudget, cost_bound, earlier_answer, settle_rows
 from cascade.stages.cached import (
     Cached,
     Role,
@@ -40,7 +40,7 @@ from cascade.stages.failover import MAX_OUTAGE_WAIT_S, Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
-from cascade.store.cache import Fill
+from cascade.store.cache import Fill, fill_keys
 from cascade.validate import Verdict, model_error
 
 __all__ = ["run_call", "run_calls"]
@@ -64,6 +64,8 @@ class _Pending:
     tier: ResolvedTier | None = None
     #: the upper bound of its cost (reserved under its batch's budget, the estimate if it never comes back)
     bound: Decimal = Decimal(0)
+    #: its batch's budget could not reserve its bound at claim time: it reserves (waiting) before it goes out
+    unreserved: bool = False
 
 
 @dataclass
@@ -169,7 +171,8 @@ def _claim(ctx: StageContext, job_ids: Sequence[int], tier: int) -> tuple[list[_
         release_all(conn, dropped)
         # A request whose slot is now gets its attempts row in the claim's transaction; the others after waiting
         # (for their slot, or for the identical request whose answer they take).
-        now = [(job, p) for job in jobs for p in job.pending if p.wait_s <= 0 and _sends_or_hits(p)]
+        now = [(job, p) for job in jobs for p in job.pending
+               if p.wait_s <= 0 and _sends_or_hits(p) and not p.unreserved]
         ids = store.start_attempts(conn, [store.NewAttempt(job.claim.job_id, tier, job.tier.model.name,
                                                            p.request.variant, p.request.sample, p.request.n,
                                                            p.bound or None)
@@ -250,9 +253,14 @@ def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], histo
         cap = batch_jobs[0].snap.max_cost_usd
         assert cap is not None
         amounts = [sum((p.bound for p in job.pending), Decimal(0)) for job in batch_jobs]
-        fits = store.reserve_budget(conn, batch_jobs[0].claim.batch_id, cap, amounts)
+        fits, spent = store.reserve_budget(conn, batch_jobs[0].claim.batch_id, cap, amounts)
         kept += batch_jobs[:fits]
         for job, amount in zip(batch_jobs[fits:], amounts[fits:], strict=True):
+            if spent + amount <= cap:  # it fits once requests in flight settle: each reserves before it goes out
+                for p in job.pending:
+                    p.unreserved = p.bound > 0
+                kept.append(job)
+                continue
             writes.budget_exhausted(job.snap, job.claim, f"its requests may cost up to ${amount} and the batch's "
                                     f"budget of ${cap} has less left", earlier_answer(conn, job.snap, job.claim))
             dropped += [p.cache for p in job.pending if p.cache is not None]
@@ -355,6 +363,8 @@ def _send_with_retries(ctx: StageContext, job: _CallJob, pending: _Pending, sent
             _send_and_retry(ctx, job, pending, sent)
     except OverBudget:
         sent.over_budget = True
+    except BudgetBusy:  # its next claim tries again (the requests in flight will have settled by then)
+        sent.again = True
 
 
 def _send_and_retry(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _Sent) -> None:
@@ -514,18 +524,39 @@ def _wait_to_retry(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending
 def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: ResolvedTier | None = None,
                    bound: Decimal = Decimal(0)) -> int | None:
     """The row of a request about to go out to ``tier``'s model (the job's pick by default), its cost
-    ``bound`` reserved under the batch's budget first (``OverBudget`` when it does not fit); None when the
-    claim was taken over meanwhile (no request)."""
+    ``bound`` reserved under the batch's budget first: ``OverBudget`` when it can never fit, ``BudgetBusy``
+    when requests in flight hold the rest longer than the inline wait; None when the claim was taken over
+    meanwhile (no request)."""
     model = (tier or job.tier).model.name
     cap = job.snap.max_cost_usd
-    with ctx.engine.begin() as conn:
-        if cap is not None and bound and not store.reserve_budget(conn, job.claim.batch_id, cap, [bound]):
-            raise OverBudget
-        attempt_id = store.start_held_attempt(conn, job.claim, model, request.variant, request.sample, request.n,
-                                              bound or None)
-        if attempt_id is None and cap is not None:
-            store.settle_budget(conn, job.claim.batch_id, spent=Decimal(0), released=bound)
-        return attempt_id
+    deadline, pause = time.monotonic() + ctx.limit_wait_s, 0.01
+    while True:
+        # The job row, then the batch row, then the attempts row (whose trigger updates the summary rows): the
+        # order of every transaction that touches a budget (``_end_rows``), so none waits on another in a cycle.
+        with ctx.engine.begin() as conn:
+            if cap is None or not bound:
+                return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample,
+                                                request.n, bound or None)
+            if not store.lock_held_job(conn, job.claim):
+                return None
+            granted, spent = store.reserve_budget(conn, job.claim.batch_id, cap, [bound])
+            if granted:
+                return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample,
+                                                request.n, bound)
+        assert cap is not None
+        # Requests in flight hold the rest of the budget: wait for some to settle, reading without the batch
+        # row's lock, and try to reserve again once the bound fits.
+        while True:
+            if spent + bound > cap:
+                raise OverBudget
+            if time.monotonic() + pause > deadline:
+                raise BudgetBusy
+            ctx.sleep(pause)
+            pause = min(2 * pause, 0.25)
+            with ctx.engine.connect() as conn:
+                spent, reserved = store.batch_budget(conn, job.claim.batch_id)
+            if spent + reserved + bound <= cap:
+                break
 
 
 def _budget_keys(job: _CallJob, pending: _Pending) -> dict[str, Any]:  # Any: row values
@@ -535,15 +566,26 @@ def _budget_keys(job: _CallJob, pending: _Pending) -> dict[str, Any]:  # Any: ro
 
 def _end_rows(conn: Connection, jobs: Sequence[_CallJob], rows: list[dict[str, Any]],  # Any: attempts rows
               fills: Sequence[Fill] = ()) -> None:
-    """Record ended requests (``store.end_attempts``) and settle the capped batches' budgets."""
-    late = store.end_attempts(conn, rows, fills)
+    """Record ended requests (``store.end_attempts``, storing ``fills`` in the request cache) and settle the
+    capped batches' budgets.
+
+    Locks are taken in one order everywhere a transaction touches a budget: job rows, request cache rows, the
+    batch row, then the summary rows the attempts triggers update (migration 0004). So for a capped batch the
+    jobs are locked first (no claim can mark their requests interrupted meanwhile, so ``late`` is exact), the
+    cache is filled on its own, and the batch is settled before the attempts are ended."""
     capped = {job.claim.batch_id for job in jobs if job.snap.max_cost_usd is not None}
     by_batch: dict[str, list[dict[str, Any]]] = {}  # Any: attempts rows
     for row in rows:
         if row.get("batch_id") in capped:
             by_batch.setdefault(row["batch_id"], []).append(row)
+    if not by_batch:
+        store.end_attempts(conn, rows, fills)
+        return
+    late = store.lock_for_settling(conn, [job.claim.job_id for job in jobs], [r["id"] for r in rows])
+    fill_keys(conn, fills)
     for batch, batch_rows in by_batch.items():
         settle_rows(conn, batch, batch_rows, late)
+    store.end_attempts(conn, rows)
 
 
 def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
@@ -551,8 +593,8 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
     writes = Writes()
     with ctx.engine.begin() as conn:
         cached = [(p.cache, job.snap, job.tier) for job in jobs for p in job.pending if p.cache is not None]
+        release_all(conn, [c for c, _, _ in cached if c.answer is None])  # cache rows before the batch row
         _end_rows(conn, jobs, [row for job in jobs for s in job.sent for row in s.rows], fills_of(cached))
-        release_all(conn, [c for c, _, _ in cached if c.answer is None])
         for job in jobs:
             if (reason := _halted(job)) is not None:
                 store.halt_batch(conn, job.claim.batch_id, reason)

@@ -20,6 +20,8 @@ __all__ = [
     "NewAttempt",
     "answers_many",
     "end_attempts",
+    "lock_for_settling",
+    "lock_held_job",
     "prepare_attempts",
     "record_validations",
     "start_attempts",
@@ -125,6 +127,27 @@ def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str |
                                        "model": model, "variant": variant, "sample": sample, "n": n,
                                        "reserved": reserved_usd}).first()
     return None if row is None else int(row.id)
+
+
+_LOCK_HELD = text("""
+SELECT 1 FROM jobs WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no FOR NO KEY UPDATE
+""")
+
+
+def lock_held_job(conn: Connection, held: Claim) -> bool:
+    """Lock the job's row if ``held`` is still this worker's claim (False: it was taken over)."""
+    return conn.execute(_LOCK_HELD, {"job_id": held.job_id, "claim_no": held.claim_no}).first() is not None
+
+
+_LOCK_JOBS = text("SELECT id FROM jobs WHERE id = ANY(:ids) ORDER BY id FOR NO KEY UPDATE")
+_INTERRUPTED = text("SELECT id FROM attempts WHERE id = ANY(:ids) AND error = 'interrupted'")
+
+
+def lock_for_settling(conn: Connection, job_ids: Sequence[int], attempt_ids: Sequence[int]) -> set[int]:
+    """Lock the jobs' rows (in id order) and return which of ``attempt_ids`` were marked interrupted: with the
+    jobs locked no claim can mark more of them before this transaction ends."""
+    conn.execute(_LOCK_JOBS, {"ids": sorted(set(job_ids))})
+    return {int(i) for (i,) in conn.execute(_INTERRUPTED, {"ids": list(attempt_ids)})}
 
 
 # A row marked interrupted meanwhile belongs to a claim that was taken over (its worker froze past the

@@ -16,27 +16,36 @@ from sqlalchemy import Connection, text
 
 __all__ = ["batch_budget", "reserve_budget", "settle_budget"]
 
-# The longest prefix of ``amounts`` (in order) that fits under the cap is reserved; returns its length.
-_RESERVE = text("""
-WITH b AS (
-    SELECT spent_usd + reserved_usd AS used FROM batches WHERE id = :b FOR NO KEY UPDATE
-), w AS (
-    SELECT amount, sum(amount) OVER (ORDER BY ord) AS upto
-    FROM unnest(CAST(:amounts AS numeric[])) WITH ORDINALITY AS w(amount, ord)
-), g AS (
-    SELECT count(*) AS n, coalesce(sum(w.amount), 0) AS total FROM w, b WHERE b.used + w.upto <= :cap
-), u AS (
-    UPDATE batches SET reserved_usd = reserved_usd + g.total FROM g WHERE id = :b AND g.total > 0
-)
-SELECT n FROM g
+_RESERVE_ONE = text("""
+UPDATE batches SET reserved_usd = reserved_usd + :amount
+WHERE id = :b AND spent_usd + reserved_usd + :amount <= :cap
+RETURNING spent_usd
 """)
+_LOCK = text("SELECT spent_usd, reserved_usd FROM batches WHERE id = :b FOR NO KEY UPDATE")
+_ADD = text("UPDATE batches SET reserved_usd = reserved_usd + :total WHERE id = :b")
 
 
-def reserve_budget(conn: Connection, batch_id: str, cap: Decimal, amounts: Sequence[Decimal]) -> int:
-    """Reserve the longest prefix of ``amounts`` that keeps the batch within ``cap``; returns how many."""
+def reserve_budget(conn: Connection, batch_id: str, cap: Decimal, amounts: Sequence[Decimal]) -> tuple[int, Decimal]:
+    """Reserve the longest prefix of ``amounts`` that keeps the batch within ``cap``; returns how many, and
+    what the batch had spent (an amount that is not reserved may fit once requests in flight settle, unless
+    spent + amount is past the cap already). One amount is one conditional UPDATE; several lock the batch
+    row, then add the prefix that fits."""
     if not amounts:
-        return 0
-    return int(conn.execute(_RESERVE, {"b": batch_id, "cap": cap, "amounts": list(amounts)}).scalar_one())
+        return 0, Decimal(0)
+    if len(amounts) == 1:
+        row = conn.execute(_RESERVE_ONE, {"b": batch_id, "cap": cap, "amount": amounts[0]}).first()
+        if row is not None:
+            return 1, Decimal(row.spent_usd)
+        return 0, batch_budget(conn, batch_id)[0]
+    spent, reserved = conn.execute(_LOCK, {"b": batch_id}).one()
+    used, fits = spent + reserved, 0
+    for amount in amounts:
+        if used + amount > cap:
+            break
+        used, fits = used + amount, fits + 1
+    if used > spent + reserved:
+        conn.execute(_ADD, {"b": batch_id, "total": used - spent - reserved})
+    return fits, Decimal(spent)
 
 
 _SETTLE = text("""

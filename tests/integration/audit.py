@@ -23,9 +23,9 @@ class Recorder:
         return {}
 
 
-def client(env, sim_url):
+def client(env, sim_url, **config):
     settings = env.settings()
-    return Client(settings, engine=env.engine, config=scenario.cascade_config(sim_url),
+    return Client(settings, engine=env.engine, config=scenario.cascade_config(sim_url, **config),
                   publisher=CeleryPublisher.connect(settings, settings.broker_url))
 
 
@@ -51,11 +51,21 @@ def audit(env, client, batch_id, snap, sim_cfg, rows):
     mismatched = env.scalar("""SELECT count(*) FROM jobs j WHERE batch_id = :b AND cost_usd <>
         (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = j.id)""", b=batch_id)
     assert mismatched == 0
+    if snap.max_cost_usd is not None:  # a capped batch: its spend is its requests' costs, nothing reserved
+        spent, reserved = env.rows("SELECT spent_usd, reserved_usd FROM batches WHERE id = :b", b=batch_id)[0]
+        paid = env.scalar("SELECT coalesce(sum(a.cost_usd), 0) FROM attempts a JOIN jobs j ON j.id = a.job_id "
+                          "WHERE j.batch_id = :b", b=batch_id)
+        assert (spent, reserved) == (paid, 0) and paid <= snap.max_cost_usd
 
 
 def cost_equals_tokens_times_price(env):
+    """Every answered request costs its tokens at its model's prices; a request that never came back costs
+    its reserved bound (an estimate, never less than it could have cost), a cache hit nothing."""
     for model, (pin, pout) in scenario.PRICES.items():
         tokens_in, tokens_out, cost = env.rows(
             "SELECT coalesce(sum(input_tokens),0), coalesce(sum(output_tokens),0), coalesce(sum(cost_usd),0) "
-            "FROM attempts WHERE model = :m", m=model)[0]
+            "FROM attempts WHERE model = :m AND NOT cost_estimated AND NOT cached", m=model)[0]
         assert cost == (tokens_in * pin + tokens_out * pout) / Decimal(1_000_000), model
+    assert env.scalar("SELECT count(*) FROM attempts WHERE cost_estimated AND (cost_usd <> reserved_usd "
+                      "OR error <> 'interrupted' OR reserved_usd <= 0)") == 0
+    assert env.scalar("SELECT count(*) FROM attempts WHERE cached AND cost_usd <> 0") == 0

@@ -16,19 +16,23 @@ LABEL_SCHEMA = {"type": "object", "required": ["label", "confidence"],
                 "properties": {"label": {"type": "string"}, "confidence": {"type": "number"}}}
 
 
-def cascade_config(sim_url: str, **model_overrides: Any) -> CascadeConfig:
+def cascade_config(sim_url: str, *, fallbacks: bool = False, **model_overrides: Any) -> CascadeConfig:
+    """The two task types; with ``fallbacks``, tier 1 of each has a backup (``small_b``, priced as ``small``)."""
     models = [
         {"name": name, "base_url": sim_url, "model": f"sim-{name}", "timeout_s": 10, "max_retries": 3,
          "price": {"input_per_mtok": str(i), "output_per_mtok": str(o)}, **model_overrides}
         for name, (i, o) in PRICES.items()
     ]
+    if fallbacks:
+        models.append({**models[0], "name": "small_b", "model": "sim-small_b"})
+    first: Any = {"model": "small", "fallbacks": ["small_b"]} if fallbacks else "small"
     tasks = [
         {"name": "label", "system": "You label support tickets. Answer with JSON only.",
          "prompt": "Ticket {id}: {text}", "output": "json", "schema": LABEL_SCHEMA,
          "self_consistency": {"samples": 3, "min_agreement": 0.6, "fields": ["label"]},
-         "tiers": ["small", "medium", {"model": "large", "samples": 1}]},
+         "tiers": [first, "medium", {"model": "large", "samples": 1}]},
         {"name": "summary", "prompt": "Summarize in one line: {text}", "output": "text",
-         "length": {"min_chars": 3, "max_chars": 400}, "tiers": ["small", "medium", "large"]},
+         "length": {"min_chars": 3, "max_chars": 400}, "tiers": [first, "medium", "large"]},
     ]
     return parse_config({"models": models, "task_types": tasks}, "test.yaml")
 

@@ -1,7 +1,7 @@
 """Nothing lost, nothing paid twice: worker kill -9, broker loss and Postgres blips mid-batch.
 
 Each test runs real worker processes and a real `cascade sweep` process, injects the fault while jobs are in
-flight, and ends with the audit: one terminal job per row equal to the sim's prediction, one validation per
+flight (tier 1 with a fallback, the batch with a budget), and ends with the audit: one terminal job per row equal to the sim's prediction, one validation per
 tier reached, no duplicate answer per (job, tier, sample), job costs equal to their attempts' sums.
 """
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import text
@@ -24,6 +25,8 @@ from tests.integration.audit import client as make_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+#: Every batch here has tier 1 fallbacks and a budget that never binds: the audit checks its ledger too.
+CAP = Decimal(1000)
 #: A dead worker is noticed within two seconds (the defaults take fifteen: test_recovery times those).
 FAST_LIVENESS = {"CASCADE_HEARTBEAT_S": "0.5", "CASCADE_WORKER_DEAD_AFTER_S": "2"}
 
@@ -52,19 +55,19 @@ def _in_flight(env) -> dict[str, int]:
 def _run_to_end(env, client, batch_id, rows, sim_cfg, timeout=240):
     state = client.wait(batch_id, timeout=timeout, poll_s=0.5)
     assert state.is_done, (state, _in_flight(env))
-    audit(env, client, batch_id, client.config.snapshot("label"), sim_cfg, rows)
+    audit(env, client, batch_id, client.config.snapshot("label", max_cost_usd=CAP), sim_cfg, rows)
     cost_equals_tokens_times_price(env)
 
 
 def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
     # Given 1,000 jobs, call stages and validation in separate worker processes, and a sweeper
     sim_cfg = _slow_sim(31)
-    client = make_client(env, sim(sim_cfg).url)
+    client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     callers = workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LIVENESS)
     validators = workers(queues="validate", concurrency=16, **FAST_LIVENESS)
     sweeper(stalled_after=3, **FAST_LIVENESS)
     rows = scenario.rows(1000, "label")
-    batch = client.submit("label", rows, key_field="id").batch_id
+    batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     # When the call worker is killed with -9 while requests are in flight
     wait_for(lambda: _finished(env, batch) >= 150, 120, "150 finished jobs")
     wait_for(lambda: _in_flight(env)["requests"] > 10, 30, "requests in flight")
@@ -79,9 +82,12 @@ def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
     # Then every job still finishes exactly once, as the sim predicts
     _run_to_end(env, client, batch, rows, sim_cfg)
     print(f"kill -9 of the call worker hit {hit_calls}; of the validator {hit_validation}")
-    # And the requests the dead worker had in flight are recorded as interrupted retries, not answers
+    # And the requests the dead worker had in flight are recorded as interrupted retries, not answers; their
+    # cost is their reserved bound, marked as an estimate, so the ledger never counts less than was spent
     assert env.scalar("SELECT count(*) FROM attempts WHERE error = 'interrupted'") >= 1
     assert env.scalar("SELECT count(*) FROM attempts WHERE error = 'in_flight'") == 0
+    assert env.scalar("SELECT count(*) FROM attempts WHERE error = 'interrupted' AND cost_estimated "
+                      "AND cost_usd = reserved_usd AND cost_usd > 0") >= 1
 
 
 @pytest.mark.parametrize(("fault", "size"), [("restart", 1000), ("flushall", 400)])
@@ -89,14 +95,14 @@ def test_broker_lost_mid_batch(env, sim, workers, sweeper, own_redis, fault, siz
     # Given a batch on a Redis this test owns, one worker and a sweeper
     sim_cfg = _slow_sim(41)
     settings = env.settings(broker_url=own_redis.url)
-    client = make_client(env, sim(sim_cfg).url)
+    client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     from cascade.publish import CeleryPublisher
 
     client._publisher = CeleryPublisher.connect(settings, own_redis.url)
     workers(concurrency=64, CASCADE_BROKER_URL=own_redis.url, **FAST_LIVENESS)
     sweeper(stalled_after=3, CASCADE_BROKER_URL=own_redis.url, **FAST_LIVENESS)
     rows = scenario.rows(size, "label")
-    batch = client.submit("label", rows, key_field="id").batch_id
+    batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     # When Redis is restarted empty (or flushed) while messages are queued and in flight
     wait_for(lambda: _finished(env, batch) >= 150, 120, "150 finished jobs")
     hit = _in_flight(env)
@@ -112,11 +118,11 @@ def test_broker_lost_mid_batch(env, sim, workers, sweeper, own_redis, fault, siz
 def test_postgres_connections_dropped_mid_stage(env, sim, workers, sweeper):
     # Given 400 jobs in flight
     sim_cfg = _slow_sim(43)
-    client = make_client(env, sim(sim_cfg).url)
+    client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     workers(concurrency=64, **FAST_LIVENESS)
     sweeper(stalled_after=3, **FAST_LIVENESS)
     rows = scenario.rows(400, "label")
-    batch = client.submit("label", rows, key_field="id").batch_id
+    batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     # When every worker connection to Postgres is terminated, several times
     admin = make_engine(env.services.database_url)
     killed = 0
@@ -157,11 +163,11 @@ class _Dropped:
 def test_celery_beat_sweep_republishes_lost_messages(env, sim, workers, tmp_path):
     # Given a batch whose every tier-1 message was lost
     sim_cfg = scenario.sim_config(47)
-    client = make_client(env, sim(sim_cfg).url)
+    client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     real = client.publisher
     client._publisher = _Dropped()
     rows = scenario.rows(50, "label")
-    batch = client.submit("label", rows, key_field="id").batch_id
+    batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     client._publisher = real
     # When Celery beat schedules the sweep (task cascade.sweep on queue `sweep`) for a worker that consumes it
     beat_env = env.environ(CASCADE_SWEEP_EVERY_S="1", CASCADE_STALLED_AFTER_S="1")
