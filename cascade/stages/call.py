@@ -252,7 +252,10 @@ def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], histo
     for batch_jobs in capped.values():
         cap = batch_jobs[0].snap.max_cost_usd
         assert cap is not None
-        amounts = [sum((p.bound for p in job.pending), Decimal(0)) for job in batch_jobs]
+        for job in batch_jobs:  # a request that waits for its rate-limit slot reserves when it goes out
+            for p in job.pending:
+                p.unreserved = p.wait_s > 0 and p.bound > 0
+        amounts = [sum((p.bound for p in job.pending if not p.unreserved), Decimal(0)) for job in batch_jobs]
         fits, spent = store.reserve_budget(conn, batch_jobs[0].claim.batch_id, cap, amounts)
         kept += batch_jobs[:fits]
         for job, amount in zip(batch_jobs[fits:], amounts[fits:], strict=True):

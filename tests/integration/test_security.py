@@ -89,7 +89,8 @@ def test_api_key_is_never_stored_or_logged(env, sim, workers, tmp_path):
     rows = "".join(json.dumps({"id": i, "text": f"ticket {i}"}) + "\n" for i in range(5))
     (tmp_path / "rows.jsonl").write_text(rows)
     key_env = {KEY_VAR: sentinel, "CASCADE_CONFIG": "cascade.yaml"}
-    worker = workers(concurrency=8, **{KEY_VAR: sentinel})
+    # (the circuit breaker left out: the broken model's every retry is the error path under test)
+    worker = workers(concurrency=8, CASCADE_BREAKER_FAILURES="1000000", **{KEY_VAR: sentinel})
     # When batches go through the real CLI and real workers, and a bad submit fails
     procs = [_start_cli(env, tmp_path, "submit", task, file, **key_env)
              for task, file in (("label", "rows.jsonl"), ("dead", "rows.jsonl"), ("label", "cascade.yaml"))]
