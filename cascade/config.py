@@ -131,6 +131,12 @@ class TierConfig(_Frozen):
         return data
 
 
+class Budget(_Frozen):
+    """A task type's cap on spend over any 24 hours, across all its batches."""
+
+    per_day_usd: Decimal = Field(gt=0)
+
+
 class TaskType(_Frozen):
     name: str
     system: str = ""
@@ -153,6 +159,8 @@ class TaskType(_Frozen):
     # outage_wait_s, then escalate as model_error:unavailable; or escalate at once.
     on_outage: Literal["wait", "escalate"] = "wait"
     outage_wait_s: float = Field(900.0, gt=0)
+    # A rolling 24 h cap over all its batches, enforced like a batch's --max-cost (cascade.store.budget).
+    budget: Budget | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -16,7 +16,7 @@ from cascade.stages.requests import Request
 from cascade.stages.validate import judge
 from cascade.store import Claim
 
-__all__ = ["BudgetBusy", "OverBudget", "cost_bound", "earlier_answer", "settle_rows"]
+__all__ = ["BudgetBusy", "OverBudget", "cost_bound", "earlier_answer", "settle_rows", "settled"]
 
 
 class OverBudget(Exception):
@@ -35,16 +35,21 @@ def cost_bound(tier: ResolvedTier, request: Request) -> Decimal:
     return tier.model.price.cost(prompt, tier.max_tokens * request.n, 0)
 
 
+def settled(row: dict[str, Any], late: set[int]) -> tuple[int, Decimal, Decimal]:  # Any: a row
+    """(attempt id, spent, released) of an ended request: its cost counts as spent and its reservation is
+    given back; a late one's reservation was already counted, as its estimated cost, when it was
+    interrupted, so only the difference is spent."""
+    bound = row.get("reserved_usd") or Decimal(0)
+    if row["id"] in late:
+        return row["id"], row["cost_usd"] - bound, Decimal(0)
+    return row["id"], row["cost_usd"], bound
+
+
 def settle_rows(conn: Connection, batch_id: str, rows: Iterable[dict[str, Any]], late: set[int]) -> None:  # Any: rows
-    """After ``store.end_attempts``: count the ended requests' costs as the batch's spend and give back their
-    reservations (a late one's reservation was already counted, as its estimated cost, when it was
-    interrupted)."""
-    spent, released = Decimal(0), Decimal(0)
-    for row in rows:
-        bound = row.get("reserved_usd") or Decimal(0)
-        spent += row["cost_usd"] - (bound if row["id"] in late else 0)
-        released += 0 if row["id"] in late else bound
-    store.settle_budget(conn, batch_id, spent=spent, released=released)
+    """Settle ended requests (``settled``) in their batch's budget."""
+    parts = [settled(row, late) for row in rows]
+    store.settle_budget(conn, batch_id, spent=sum((p[1] for p in parts), Decimal(0)),
+                        released=sum((p[2] for p in parts), Decimal(0)))
 
 
 def earlier_answer(conn: Connection, snap: TaskSnapshot, claim: Claim) -> Any:  # Any: the answer's JSON value

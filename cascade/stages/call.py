@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -24,7 +24,7 @@ from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
-from cascade.stages.budget import BudgetBusy, OverBudget, cost_bound, earlier_answer, settle_rows
+from cascade.stages.budget import BudgetBusy, OverBudget, cost_bound, earlier_answer, settle_rows, settled
 from cascade.stages.cached import (
     Cached,
     Role,
@@ -236,38 +236,93 @@ def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Reque
 
 def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], history: dict[int, store.History],
                    dropped: list[Cached]) -> list[_CallJob]:
-    """The jobs whose requests fit in their batch's budget, reserved in one conditional UPDATE per capped
-    batch (in claim order); the others end as ``budget_exhausted`` (their cache flights join ``dropped``).
-    Requests of earlier claims that never came back are counted as spent at their bound first."""
+    """The jobs whose requests fit in their budgets (the batch's ``--max-cost``, the task type's
+    ``budget.per_day_usd``), reserved in claim order: one conditional UPDATE per capped batch, then one locked
+    read and upsert per task type with a daily budget. A job that would fit once requests in flight settle
+    reserves before each request goes out; the others end as ``budget_exhausted`` (their cache flights join
+    ``dropped``). Requests of earlier claims that never came back are counted as spent at their bound first."""
     kept: list[_CallJob] = []
-    capped: dict[str, list[_CallJob]] = {}
-    for job in jobs:
-        cap = job.snap.max_cost_usd
-        if cap is None:
+    limited = [job for job in jobs if _budgeted(job.snap)]
+    kept = [job for job in jobs if not _budgeted(job.snap)]
+    if not limited:
+        return kept
+    _count_estimates(conn, limited, history)
+    for job in limited:
+        for p in job.pending:  # a request that waits for its rate-limit slot reserves when it goes out
+            p.unreserved = p.wait_s > 0 and p.bound > 0
+    amount = {id(job): sum((p.bound for p in job.pending if not p.unreserved), Decimal(0)) for job in limited}
+    fits, spent = _reserve_jobs(conn, limited, amount)
+    for job in limited:
+        if fits[id(job)]:
             kept.append(job)
-            continue
-        estimated = history[job.claim.job_id].estimated
-        store.settle_budget(conn, job.claim.batch_id, spent=estimated, released=estimated)
-        capped.setdefault(job.claim.batch_id, []).append(job)
-    for batch_jobs in capped.values():
-        cap = batch_jobs[0].snap.max_cost_usd
-        assert cap is not None
-        for job in batch_jobs:  # a request that waits for its rate-limit slot reserves when it goes out
+        elif _fits_later(job, amount[id(job)], spent):
             for p in job.pending:
-                p.unreserved = p.wait_s > 0 and p.bound > 0
-        amounts = [sum((p.bound for p in job.pending if not p.unreserved), Decimal(0)) for job in batch_jobs]
-        fits, spent = store.reserve_budget(conn, batch_jobs[0].claim.batch_id, cap, amounts)
-        kept += batch_jobs[:fits]
-        for job, amount in zip(batch_jobs[fits:], amounts[fits:], strict=True):
-            if spent + amount <= cap:  # it fits once requests in flight settle: each reserves before it goes out
-                for p in job.pending:
-                    p.unreserved = p.bound > 0
-                kept.append(job)
-                continue
-            writes.budget_exhausted(job.snap, job.claim, f"its requests may cost up to ${amount} and the batch's "
-                                    f"budget of ${cap} has less left", earlier_answer(conn, job.snap, job.claim))
+                p.unreserved = p.bound > 0
+            kept.append(job)
+        else:
+            writes.budget_exhausted(job.snap, job.claim, f"its requests may cost up to ${amount[id(job)]}, more "
+                                    "than its budget has left", earlier_answer(conn, job.snap, job.claim))
             dropped += [p.cache for p in job.pending if p.cache is not None]
     return kept
+
+
+def _count_estimates(conn: Connection, jobs: list[_CallJob], history: dict[int, store.History]) -> None:
+    """Count the requests of earlier claims that never came back as spent at their bound: the batch rows,
+    then the task types' buckets (the lock order of ``_end_rows``)."""
+    for job in jobs:
+        if job.snap.max_cost_usd is not None:
+            est = history[job.claim.job_id].estimated
+            store.settle_budget(conn, job.claim.batch_id, spent=est, released=est)
+    for job in jobs:
+        if job.snap.task_type.budget is not None:
+            store.settle_daily(conn, job.snap.task_type.name,
+                               [(a, b, b) for a, b in history[job.claim.job_id].interrupted])
+
+
+def _reserve_jobs(conn: Connection, jobs: list[_CallJob],
+                  amount: dict[int, Decimal]) -> tuple[dict[int, bool], dict[str, Decimal]]:
+    """Reserve each job's amount (by ``id(job)``) in its batch's budget, then its task type's daily one, in
+    order; returns which fit, and what each budget had spent (by batch id, ``day:<task type>``)."""
+    fits = {id(job): True for job in jobs}
+    spent: dict[str, Decimal] = {}
+    for key, group in _groups(jobs, lambda j: j.claim.batch_id if j.snap.max_cost_usd is not None else None):
+        cap = group[0].snap.max_cost_usd
+        assert cap is not None
+        n, spent[key] = store.reserve_budget(conn, key, cap, [amount[id(j)] for j in group])
+        for job in group[n:]:
+            fits[id(job)] = False
+    for key, group in _groups([j for j in jobs if fits[id(j)]],
+                              lambda j: j.snap.task_type.name if j.snap.task_type.budget is not None else None):
+        budget = group[0].snap.task_type.budget
+        assert budget is not None
+        n, spent["day:" + key] = store.reserve_daily(conn, key, budget.per_day_usd, [amount[id(j)] for j in group])
+        for job in group[n:]:
+            fits[id(job)] = False
+            if job.snap.max_cost_usd is not None:  # give back what its batch reserved for it
+                store.settle_budget(conn, job.claim.batch_id, spent=Decimal(0), released=amount[id(job)])
+    return fits, spent
+
+
+def _budgeted(snap: TaskSnapshot) -> bool:
+    return snap.max_cost_usd is not None or snap.task_type.budget is not None
+
+
+def _groups(jobs: Sequence[_CallJob], key: Callable[[_CallJob], str | None]) -> list[tuple[str, list[_CallJob]]]:
+    """``jobs`` grouped by ``key`` (None: left out), in order."""
+    out: dict[str, list[_CallJob]] = {}
+    for job in jobs:
+        if (k := key(job)) is not None:
+            out.setdefault(k, []).append(job)
+    return list(out.items())
+
+
+def _fits_later(job: _CallJob, amount: Decimal, spent: dict[str, Decimal]) -> bool:
+    """Whether ``amount`` fits in the job's budgets once the requests in flight settle (``spent``: what each
+    budget had spent, by batch id or ``day:<task type>``; one not read yet does not say no)."""
+    cap, budget = job.snap.max_cost_usd, job.snap.task_type.budget
+    if cap is not None and spent.get(job.claim.batch_id, Decimal(0)) + amount > cap:
+        return False
+    return budget is None or spent.get("day:" + job.snap.task_type.name, Decimal(0)) + amount <= budget.per_day_usd
 
 
 def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
@@ -527,67 +582,96 @@ def _wait_to_retry(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending
 def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: ResolvedTier | None = None,
                    bound: Decimal = Decimal(0)) -> int | None:
     """The row of a request about to go out to ``tier``'s model (the job's pick by default), its cost
-    ``bound`` reserved under the batch's budget first: ``OverBudget`` when it can never fit, ``BudgetBusy``
-    when requests in flight hold the rest longer than the inline wait; None when the claim was taken over
-    meanwhile (no request)."""
+    ``bound`` reserved under its budgets first (the batch's, the task type's daily one): ``OverBudget`` when it
+    can never fit, ``BudgetBusy`` when requests in flight hold the rest longer than the inline wait; None when
+    the claim was taken over meanwhile (no request)."""
     model = (tier or job.tier).model.name
-    cap = job.snap.max_cost_usd
+    cap, budget = job.snap.max_cost_usd, job.snap.task_type.budget
     deadline, pause = time.monotonic() + ctx.limit_wait_s, 0.01
     while True:
-        # The job row, then the batch row, then the attempts row (whose trigger updates the summary rows): the
-        # order of every transaction that touches a budget (``_end_rows``), so none waits on another in a cycle.
-        with ctx.engine.begin() as conn:
-            if cap is None or not bound:
-                return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample,
-                                                request.n, bound or None)
-            if not store.lock_held_job(conn, job.claim):
-                return None
-            granted, spent = store.reserve_budget(conn, job.claim.batch_id, cap, [bound])
-            if granted:
-                return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample,
-                                                request.n, bound)
-        assert cap is not None
-        # Requests in flight hold the rest of the budget: wait for some to settle, reading without the batch
-        # row's lock, and try to reserve again once the bound fits.
+        # The job row, then the batch row, then the task type's buckets, then the attempts row (whose trigger
+        # updates the summary rows): the order of every transaction that touches a budget (``_end_rows``).
+        spent: dict[str, Decimal] = {}
+        try:
+            with ctx.engine.begin() as conn:
+                if not bound or (cap is None and budget is None):
+                    return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample,
+                                                    request.n, bound or None)
+                if not store.lock_held_job(conn, job.claim):
+                    return None
+                _reserve_one(conn, job, bound, spent)
+                return store.start_held_attempt(conn, job.claim, model, request.variant, request.sample, request.n,
+                                                bound)
+        except _NotNow:
+            pass
+        # Requests in flight hold the rest: wait for some to settle, reading without locks, and try again once
+        # the bound fits.
         while True:
-            if spent + bound > cap:
+            if not _fits_later(job, bound, spent):
                 raise OverBudget
             if time.monotonic() + pause > deadline:
                 raise BudgetBusy
             ctx.sleep(pause)
             pause = min(2 * pause, 0.25)
             with ctx.engine.connect() as conn:
-                spent, reserved = store.batch_budget(conn, job.claim.batch_id)
-            if spent + reserved + bound <= cap:
+                used = store.budget_used(conn, job.claim.batch_id if cap is not None else None,
+                                         job.snap.task_type.name if budget is not None else None)
+            if (cap is None or used[0] + bound <= cap) and (budget is None or used[1] + bound <= budget.per_day_usd):
                 break
 
 
+class _NotNow(Exception):
+    """A budget cannot reserve a request's bound now."""
+
+
+def _reserve_one(conn: Connection, job: _CallJob, bound: Decimal, spent: dict[str, Decimal]) -> None:
+    """Reserve one request's ``bound`` in the job's batch budget, then its daily one (``_NotNow`` when either
+    has no room: the caller's transaction rolls both back); ``spent`` gets what each had spent."""
+    cap, budget = job.snap.max_cost_usd, job.snap.task_type.budget
+    if cap is not None:
+        granted, spent[job.claim.batch_id] = store.reserve_budget(conn, job.claim.batch_id, cap, [bound])
+        if not granted:
+            raise _NotNow
+    if budget is not None:
+        granted, spent["day:" + job.snap.task_type.name] = store.reserve_daily(
+            conn, job.snap.task_type.name, budget.per_day_usd, [bound])
+        if not granted:
+            raise _NotNow
+
+
 def _budget_keys(job: _CallJob, pending: _Pending) -> dict[str, Any]:  # Any: row values
-    """What ``_end_rows`` needs of a row to settle its batch's budget (``store.end_attempts`` ignores them)."""
-    return {"reserved_usd": pending.bound, "batch_id": job.claim.batch_id}
+    """What ``_end_rows`` needs of a row to settle its budgets (``store.end_attempts`` ignores them)."""
+    return {"reserved_usd": pending.bound, "batch_id": job.claim.batch_id,
+            "daily": job.snap.task_type.name if job.snap.task_type.budget is not None else None}
 
 
 def _end_rows(conn: Connection, jobs: Sequence[_CallJob], rows: list[dict[str, Any]],  # Any: attempts rows
               fills: Sequence[Fill] = ()) -> None:
-    """Record ended requests (``store.end_attempts``, storing ``fills`` in the request cache) and settle the
-    capped batches' budgets.
+    """Record ended requests (``store.end_attempts``, storing ``fills`` in the request cache) and settle their
+    budgets.
 
     Locks are taken in one order everywhere a transaction touches a budget: job rows, request cache rows, the
-    batch row, then the summary rows the attempts triggers update (migration 0004). So for a capped batch the
-    jobs are locked first (no claim can mark their requests interrupted meanwhile, so ``late`` is exact), the
-    cache is filled on its own, and the batch is settled before the attempts are ended."""
+    batch row, the task type's daily buckets, then the summary rows the attempts triggers update (migration
+    0004). So with a budget the jobs are locked first (no claim can mark their requests interrupted meanwhile,
+    so ``late`` is exact), the cache is filled on its own, and the budgets are settled before the attempts
+    are ended."""
     capped = {job.claim.batch_id for job in jobs if job.snap.max_cost_usd is not None}
     by_batch: dict[str, list[dict[str, Any]]] = {}  # Any: attempts rows
+    by_day: dict[str, list[dict[str, Any]]] = {}  # Any: attempts rows
     for row in rows:
         if row.get("batch_id") in capped:
             by_batch.setdefault(row["batch_id"], []).append(row)
-    if not by_batch:
+        if row.get("daily"):
+            by_day.setdefault(row["daily"], []).append(row)
+    if not by_batch and not by_day:
         store.end_attempts(conn, rows, fills)
         return
     late = store.lock_for_settling(conn, [job.claim.job_id for job in jobs], [r["id"] for r in rows])
     fill_keys(conn, fills)
     for batch, batch_rows in by_batch.items():
         settle_rows(conn, batch, batch_rows, late)
+    for task_type, day_rows in by_day.items():
+        store.settle_daily(conn, task_type, [settled(r, late) for r in day_rows])
     store.end_attempts(conn, rows)
 
 

@@ -50,7 +50,15 @@ from cascade.store.batches import (
     queued_calls,
     resume_batch,
 )
-from cascade.store.budget import batch_budget, reserve_budget, settle_budget
+from cascade.store.budget import (
+    batch_budget,
+    budget_used,
+    reserve_budget,
+    reserve_daily,
+    settle_budget,
+    settle_daily,
+    settle_daily_now,
+)
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
 from cascade.store.reports import count_eval_batches, escalation_stats, escalation_stats_of, record_eval_run
@@ -84,6 +92,7 @@ __all__ = [
     "batch_cache_use",
     "batch_config",
     "batch_rows",
+    "budget_used",
     "claim",
     "copy_jobs",
     "count_eval_batches",
@@ -118,8 +127,11 @@ __all__ = [
     "release_sweep_lock",
     "renew_leases",
     "reserve_budget",
+    "reserve_daily",
     "resume_batch",
     "settle_budget",
+    "settle_daily",
+    "settle_daily_now",
     "stamp_deferred_due",
     "stamp_stalled",
     "start_attempts",

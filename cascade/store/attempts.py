@@ -41,13 +41,15 @@ class History:
     failures: dict[tuple[int, int, bool], int]
     #: the cost bounds of this job's requests just marked interrupted (now counted as their estimated cost)
     estimated: Decimal = Decimal(0)
+    #: those requests: (attempt id, bound)
+    interrupted: tuple[tuple[int, Decimal], ...] = ()
 
 
 # A request that never came back was probably billed: it keeps its cost bound as an estimate.
 _INTERRUPT = text("""
 UPDATE attempts SET error = 'interrupted', cost_usd = coalesce(reserved_usd, 0), cost_estimated = coalesce(reserved_usd, 0) > 0
 WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
-RETURNING job_id, coalesce(reserved_usd, 0) AS estimate
+RETURNING id, job_id, coalesce(reserved_usd, 0) AS estimate
 """)
 # An answer covers the choices that came back (a backend that ignores n answers fewer than it was asked).
 _HISTORY = text("""
@@ -60,8 +62,10 @@ def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> di
     """Mark requests of earlier claims that never finished as interrupted; return each job's history."""
     ids = [c.job_id for c in claims]
     estimated: dict[int, Decimal] = {}
-    for job_id, estimate in conn.execute(_INTERRUPT, {"ids": ids, "tier": tier}):
+    interrupted: dict[int, list[tuple[int, Decimal]]] = {}
+    for attempt_id, job_id, estimate in conn.execute(_INTERRUPT, {"ids": ids, "tier": tier}):
         estimated[job_id] = estimated.get(job_id, Decimal(0)) + estimate
+        interrupted.setdefault(job_id, []).append((int(attempt_id), Decimal(estimate)))
     answered: dict[int, set[int]] = {i: set() for i in ids}
     failures: dict[int, dict[tuple[int, int, bool], int]] = {i: {} for i in ids}
     for job_id, sample, n, returned, error in conn.execute(_HISTORY, {"ids": ids, "tier": tier}):
@@ -70,7 +74,8 @@ def prepare_attempts(conn: Connection, claims: Sequence[Claim], tier: int) -> di
         else:
             key = (sample, n, error == "rate_limited")
             failures[job_id][key] = failures[job_id].get(key, 0) + 1
-    return {i: History(frozenset(answered[i]), failures[i], estimated.get(i, Decimal(0))) for i in ids}
+    return {i: History(frozenset(answered[i]), failures[i], estimated.get(i, Decimal(0)),
+                       tuple(interrupted.get(i, ()))) for i in ids}
 
 
 @dataclass(frozen=True)

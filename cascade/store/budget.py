@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, text
 
-__all__ = ["batch_budget", "reserve_budget", "settle_budget"]
+__all__ = ["batch_budget", "budget_used", "reserve_budget", "reserve_daily", "settle_budget", "settle_daily", "settle_daily_now"]
 
 _RESERVE_ONE = text("""
 UPDATE batches SET reserved_usd = reserved_usd + :amount
@@ -60,7 +60,73 @@ def settle_budget(conn: Connection, batch_id: str, *, spent: Decimal, released: 
         conn.execute(_SETTLE, {"b": batch_id, "spent": spent, "released": released})
 
 
+def budget_used(conn: Connection, batch_id: str | None, task_type: str | None) -> tuple[Decimal, Decimal]:
+    """(spent + reserved) of the batch and of the task type's last 24 hours (0 where not asked), read
+    without locks."""
+    batch = sum(batch_budget(conn, batch_id), Decimal(0)) if batch_id is not None else Decimal(0)
+    day = Decimal(0)
+    if task_type is not None:
+        spent, reserved = conn.execute(_DAY_USED, {"t": task_type}).one()
+        day = Decimal(spent) + Decimal(reserved)
+    return batch, day
+
+
 def batch_budget(conn: Connection, batch_id: str) -> tuple[Decimal, Decimal]:
     """(spent, reserved) of a capped batch."""
     row = conn.execute(text("SELECT spent_usd, reserved_usd FROM batches WHERE id = :b"), {"b": batch_id}).one()
     return Decimal(row.spent_usd), Decimal(row.reserved_usd)
+
+
+# --- a task type's rolling 24 hours (migration 0011) ---------------------------------------------------
+
+_DAY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended('cascade.budget:' || :t, 0))")
+_DAY_USED = text("""
+SELECT coalesce(sum(spent_usd), 0) AS spent, coalesce(sum(reserved_usd), 0) AS reserved FROM task_budgets
+WHERE task_type = :t AND hour >= date_trunc('hour', now() - interval '24 hours')
+""")
+_DAY_ADD = text("""
+INSERT INTO task_budgets AS b (task_type, hour, spent_usd, reserved_usd)
+VALUES (:t, date_trunc('hour', now()), :spent, :reserved)
+ON CONFLICT (task_type, hour) DO UPDATE SET spent_usd = b.spent_usd + excluded.spent_usd,
+                                            reserved_usd = greatest(b.reserved_usd + excluded.reserved_usd, 0)
+""")
+
+
+def reserve_daily(conn: Connection, task_type: str, cap: Decimal, amounts: Sequence[Decimal]) -> tuple[int, Decimal]:
+    """As ``reserve_budget``, against ``task_type``'s spend over the last 24 hours (serialized per task type by
+    an advisory lock held until the transaction ends)."""
+    if not amounts:
+        return 0, Decimal(0)
+    conn.execute(_DAY_LOCK, {"t": task_type})
+    spent, reserved = conn.execute(_DAY_USED, {"t": task_type}).one()
+    used, fits = spent + reserved, 0
+    for amount in amounts:
+        if used + amount > cap:
+            break
+        used, fits = used + amount, fits + 1
+    if used > spent + reserved:
+        conn.execute(_DAY_ADD, {"t": task_type, "spent": 0, "reserved": used - spent - reserved})
+    return fits, Decimal(spent)
+
+
+def settle_daily_now(conn: Connection, task_type: str, *, spent: Decimal, released: Decimal) -> None:
+    """Settle in the current hour's bucket: for a reservation made earlier in this transaction."""
+    if spent or released:
+        conn.execute(_DAY_ADD, {"t": task_type, "spent": spent, "reserved": -released})
+
+
+_DAY_SETTLE = text("""
+UPDATE task_budgets t SET spent_usd = t.spent_usd + s.spent, reserved_usd = greatest(t.reserved_usd - s.released, 0)
+FROM (SELECT date_trunc('hour', a.created_at) AS hour, sum(x.spent) AS spent, sum(x.released) AS released
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:spent AS numeric[]), CAST(:released AS numeric[]))
+           AS x(id, spent, released)
+      JOIN attempts a ON a.id = x.id GROUP BY 1) s
+WHERE t.task_type = :t AND t.hour = s.hour
+""")
+
+
+def settle_daily(conn: Connection, task_type: str, settled: Sequence[tuple[int, Decimal, Decimal]]) -> None:
+    """Settle requests (attempt id, spent, released) in the buckets of the hours they were reserved in."""
+    if settled:
+        conn.execute(_DAY_SETTLE, {"t": task_type, "ids": [a for a, _, _ in settled],
+                                   "spent": [s for _, s, _ in settled], "released": [r for _, _, r in settled]})

@@ -9,6 +9,7 @@ import pytest
 
 from cascade.client import Client
 from cascade.config import parse_config
+from cascade.errors import ConfigError
 from cascade.publish import CeleryPublisher
 from tests.integration import scenario
 from tests.integration.audit import audit, cost_equals_tokens_times_price
@@ -120,3 +121,39 @@ def test_the_cli_cap(env, sim, workers, tmp_path):
     assert "reserved" in shown and "left of $2.50" in shown, shown
     status = json.loads(_cli(env, config, "status", batch.strip(), "--json").stdout)
     assert Decimal(status["budget"]["cap_usd"]) == Decimal("2.5") and Decimal(status["budget"]["reserved_usd"]) == 0
+
+
+def test_a_daily_budget_holds_across_two_batches(env, sim, workers):
+    # Given a task type with a daily budget, short answers (max_tokens 40), and two worker processes
+    server = sim(scenario.sim_config(seed=17))
+    data = scenario.cascade_config(server.url).model_dump(mode="json", by_alias=True)
+    summary = next(t for t in data["task_types"] if t["name"] == "summary")
+    summary.update(max_tokens=40, budget={"per_day_usd": "0.004"})
+    settings = env.settings()
+    client = Client(settings, engine=env.engine, config=parse_config(data, "test.yaml"),
+                    publisher=CeleryPublisher.connect(settings, settings.broker_url))
+    workers(concurrency=32)
+    workers(concurrency=32)
+    # When a first batch spends part of the day's budget, and a second one more than what is left
+    first = client.submit("summary", scenario.rows(120, "summary"), key_field="id").batch_id
+    assert client.wait(first, timeout=120, poll_s=0.1).is_done
+    rows = [dict(r, id=f"b-{r['id']}", text=r["text"] + " (second batch)") for r in scenario.rows(400, "summary")]
+    second = client.submit("summary", rows, key_field="id").batch_id
+    assert client.wait(second, timeout=180, poll_s=0.1).is_done
+    # Then the first ran untouched, the second stopped at the budget, and together they spent no more than it
+    assert _paid(env, first) < Decimal("0.004")
+    assert env.scalar("SELECT count(*) FROM jobs WHERE batch_id = :b AND error = 'budget_exhausted'", b=first) == 0
+    assert env.scalar("SELECT count(*) FROM jobs WHERE batch_id = :b AND error = 'budget_exhausted'", b=second) > 0
+    total = _paid(env, first) + _paid(env, second)
+    assert total <= Decimal("0.004") and _open(env, first) == _open(env, second) == 0
+    # And the day's ledger is the requests' costs, nothing left reserved
+    spent, reserved = env.rows("SELECT sum(spent_usd), sum(reserved_usd) FROM task_budgets WHERE task_type = 'summary'")[0]
+    assert (spent, reserved) == (total, 0)
+
+
+def test_a_daily_budget_must_be_above_zero():
+    data = scenario.cascade_config("http://x").model_dump(mode="json", by_alias=True)
+    data["task_types"][1]["budget"] = {"per_day_usd": 0}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "cascade.yaml")
+    assert "task_types[1].budget.per_day_usd" in str(info.value)

@@ -201,3 +201,24 @@ def test_health_fails_open_when_redis_is_down(caplog):
     assert states == [[HEALTHY, HEALTHY], [HEALTHY]] and not down
     assert sum("model health unavailable" in r.message for r in caplog.records) == 1
     health.close()
+
+
+def test_jobs_waiting_past_outage_wait_s_escalate_as_unavailable(env, sim, workers):
+    # Given both models of tier 1 down for longer than the task's outage_wait_s (1 s)
+    server = sim(_sim(small_dead=True, small_b_dead=True))
+    config = _config(server.url, outage_wait_s=1)
+    health = RedisHealth.from_broker(env.services.broker_url, key_prefix=env.prefix, failures=1, cooldown_s=60)
+    for model in ("small", "small_b"):
+        health.report(model, ok=False)
+    health.close()
+    time.sleep(1.2)
+    client = _client(env, config)
+    workers(concurrency=16)
+    # When a batch runs
+    batch = _run(client, scenario.rows(6, "label"), "late")
+    # Then nothing waited any longer: every job escalated from tier 1 as model_error:unavailable
+    assert _to(server, "small") == _to(server, "small_b") == 0
+    codes = {r for (r,) in env.rows("""SELECT DISTINCT r ->> 'code' FROM validations v JOIN jobs j ON j.id = v.job_id,
+                                       jsonb_array_elements(v.reasons) r WHERE j.batch_id = :b AND v.tier = 1""",
+                                    b=batch)}
+    assert codes == {"model_error:unavailable"}

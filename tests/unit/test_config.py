@@ -746,3 +746,33 @@ def test_reasoning_model_options_and_config_error_policy() -> None:
     assert config.task("invoice_fields").on_config_error == "halt"
     data["models"][1]["max_tokens_param"] = "max_output_tokens"
     assert "models[1].max_tokens_param" in str(config_error(data))
+
+
+# --- fallbacks -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fallbacks", "message"), [
+    (["nope"], "unknown model 'nope'"),
+    (["small"], "fallback 'small' is already in the tier"),
+    (["medium", "medium"], "fallback 'medium' is already in the tier"),
+])
+def test_bad_fallbacks_name_the_field(fallbacks: list[str], message: str) -> None:
+    # Given a tier whose fallbacks name an unknown model, the tier's own model, or one twice
+    data = design()
+    task0(data)["tiers"][0] = {"model": "small", "fallbacks": fallbacks}
+    # When the config is loaded
+    err = config_error(data)
+    # Then the error names the file and the fallback's path
+    assert message in str(err)
+    assert err.path == f"task_types[0].tiers[0].fallbacks[{len(fallbacks) - 1}]"
+
+
+def test_fallbacks_join_the_snapshot() -> None:
+    # Given a tier with a fallback
+    data = design()
+    task0(data)["tiers"][0] = {"model": "small", "fallbacks": ["large"]}
+    # When a batch's snapshot is taken
+    snap = parse_config(data, "cascade.yaml").snapshot("invoice_fields")
+    # Then the fallback's model is in it and the tier resolves to both, in order
+    assert [m.name for m in snap.tier(1).chain] == ["small", "large"]
+    assert "large" in snap.models
