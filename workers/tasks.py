@@ -48,7 +48,10 @@ def _build() -> StageContext:
     pool = max(4, min(64, int(app.conf.worker_concurrency or 4)))
     # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
     # DBAPIError, which the tasks retry (RETRY below).
-    engine = make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False)
+    # A process frozen inside a transaction (SIGSTOP, a stalled VM) loses that session once it has been idle
+    # as long as a dead worker's jobs are kept (at least 10 s): its locks must not stall the other workers.
+    engine = make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False,
+                         idle_in_transaction_s=max(10.0, settings.worker_dead_after_s))
     # Registered before the first claim: the sweeper takes this process's jobs back only once its
     # heartbeat stops (cascade.liveness), never while a slow request is still running.
     # Each beat also renews the leases of claims held past half their lease.

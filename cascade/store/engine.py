@@ -18,11 +18,20 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None, pre_ping: bool = True) -> Engine:
-    """An engine for ``url``; ``schema`` sets the search_path (tests give each run its own schema)."""
+def make_engine(url: str, *, pool_size: int = 5, schema: str | None = None, pre_ping: bool = True,
+                idle_in_transaction_s: float | None = None) -> Engine:
+    """An engine for ``url``; ``schema`` sets the search_path (tests give each run its own schema).
+
+    ``idle_in_transaction_s``: the server ends a session left idle inside a transaction that long (a worker
+    frozen mid-transaction), so the row locks it holds (a job, a request cache key, a batch's budget) do not
+    stall every other worker until it resumes. Workers set it; the CLI does not (a submit may read a slow
+    pipe between statements of its transaction)."""
     args: dict[str, Any] = {"application_name": f"cascade:{schema}" if schema else "cascade"}  # Any: driver args
-    if schema:
-        args["options"] = f"-csearch_path={schema}"
+    options = [f"-csearch_path={schema}"] if schema else []
+    if idle_in_transaction_s is not None:
+        options.append(f"-cidle_in_transaction_session_timeout={round(idle_in_transaction_s * 1000)}")
+    if options:
+        args["options"] = " ".join(options)
     return create_engine(
         normalize_url(url),
         pool_size=pool_size,
