@@ -38,14 +38,20 @@ def reserve_budget(conn: Connection, batch_id: str, cap: Decimal, amounts: Seque
             return 1, Decimal(row.spent_usd)
         return 0, batch_budget(conn, batch_id)[0]
     spent, reserved = conn.execute(_LOCK, {"b": batch_id}).one()
-    used, fits = spent + reserved, 0
-    for amount in amounts:
-        if used + amount > cap:
-            break
-        used, fits = used + amount, fits + 1
-    if used > spent + reserved:
-        conn.execute(_ADD, {"b": batch_id, "total": used - spent - reserved})
+    fits, total = _prefix(spent + reserved, cap, amounts)
+    if total:
+        conn.execute(_ADD, {"b": batch_id, "total": total})
     return fits, Decimal(spent)
+
+
+def _prefix(used: Decimal, cap: Decimal, amounts: Sequence[Decimal]) -> tuple[int, Decimal]:
+    """How many of ``amounts``, in order, fit on top of ``used`` under ``cap``, and their sum."""
+    fits, total = 0, Decimal(0)
+    for amount in amounts:
+        if used + total + amount > cap:
+            break
+        fits, total = fits + 1, total + amount
+    return fits, total
 
 
 _SETTLE = text("""
@@ -99,13 +105,9 @@ def reserve_daily(conn: Connection, task_type: str, cap: Decimal, amounts: Seque
         return 0, Decimal(0)
     conn.execute(_DAY_LOCK, {"t": task_type})
     spent, reserved = conn.execute(_DAY_USED, {"t": task_type}).one()
-    used, fits = spent + reserved, 0
-    for amount in amounts:
-        if used + amount > cap:
-            break
-        used, fits = used + amount, fits + 1
-    if used > spent + reserved:
-        conn.execute(_DAY_ADD, {"t": task_type, "spent": 0, "reserved": used - spent - reserved})
+    fits, total = _prefix(spent + reserved, cap, amounts)
+    if total:
+        conn.execute(_DAY_ADD, {"t": task_type, "spent": 0, "reserved": total})
     return fits, Decimal(spent)
 
 
