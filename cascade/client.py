@@ -177,12 +177,13 @@ class Client:
             rows = store.count_jobs(conn, batch_id)
             ignoring_n = store.models_ignoring_n(conn, batch_id) if notes else []
             cache = store.batch_cache_use(conn, batch_id) if notes else None
-            cap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id)).max_cost_usd if notes else None
+            snap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id)) if notes else None
+            cap = snap.max_cost_usd if snap is not None else None
             budget = (cap, *store.batch_budget(conn, batch_id)) if cap is not None else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
-        if notes:
-            notes_ += self._models_down(batch_id)
+        if snap is not None:
+            notes_ += self._models_down(sorted(snap.models))
         counts: dict[str, int] = {}
         by_tier: dict[int, int] = {}
         for status, tier, n, _ in rows:
@@ -193,11 +194,8 @@ class Client:
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
                            cache, budget)
 
-    def _models_down(self, batch_id: str) -> list[str]:
-        """Notes on the batch's models that are down now (their circuit breakers, ``cascade.health``)."""
-        with self.engine.connect() as conn:
-            snap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id))
-        names = sorted(snap.models)
+    def _models_down(self, names: list[str]) -> list[str]:
+        """Notes on the models ``names`` that are down now (their circuit breakers, ``cascade.health``)."""
         if not self.settings.broker_url or not names:
             return []
         health = RedisHealth.from_broker(self.settings.broker_url, key_prefix=self.settings.key_prefix)

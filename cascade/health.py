@@ -118,10 +118,6 @@ class Health:
         """Count an answer (``ok``) or a provider fault of ``model``; True when it is down after this."""
         return False
 
-    def needs_reset(self, model: str) -> bool:
-        """Whether an answer of ``model`` must be reported (it has faults counted, or is down)."""
-        return False
-
     def peek(self, models: Sequence[str]) -> list[ModelState]:
         """Each model's state, read only (no probe is given out)."""
         return [HEALTHY for _ in models]
@@ -182,9 +178,6 @@ class RedisHealth(Health):
         else:
             self._dirty.add(model)
         return bool(down)
-
-    def needs_reset(self, model: str) -> bool:
-        return model in self._dirty
 
     def peek(self, models: Sequence[str]) -> list[ModelState]:
         try:

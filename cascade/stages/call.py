@@ -241,7 +241,6 @@ def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], histo
     read and upsert per task type with a daily budget. A job that would fit once requests in flight settle
     reserves before each request goes out; the others end as ``budget_exhausted`` (their cache flights join
     ``dropped``). Requests of earlier claims that never came back are counted as spent at their bound first."""
-    kept: list[_CallJob] = []
     limited = [job for job in jobs if _budgeted(job.snap)]
     kept = [job for job in jobs if not _budgeted(job.snap)]
     if not limited:
@@ -317,8 +316,9 @@ def _groups(jobs: Sequence[_CallJob], key: Callable[[_CallJob], str | None]) -> 
 
 
 def _fits_later(job: _CallJob, amount: Decimal, spent: dict[str, Decimal]) -> bool:
-    """Whether ``amount`` fits in the job's budgets once the requests in flight settle (``spent``: what each
-    budget had spent, by batch id or ``day:<task type>``; one not read yet does not say no)."""
+    """Whether ``amount`` fits in the job's budgets on top of ``spent`` (what each budget had spent, by batch
+    id or ``day:<task type>``; one not read yet does not say no): once the requests in flight settle, or now
+    when ``spent`` includes what they reserved."""
     cap, budget = job.snap.max_cost_usd, job.snap.task_type.budget
     if cap is not None and spent.get(job.claim.batch_id, Decimal(0)) + amount > cap:
         return False
@@ -614,9 +614,9 @@ def _start_attempt(ctx: StageContext, job: _CallJob, request: Request, tier: Res
             ctx.sleep(pause)
             pause = min(2 * pause, 0.25)
             with ctx.engine.connect() as conn:
-                used = store.budget_used(conn, job.claim.batch_id if cap is not None else None,
-                                         job.snap.task_type.name if budget is not None else None)
-            if (cap is None or used[0] + bound <= cap) and (budget is None or used[1] + bound <= budget.per_day_usd):
+                batch_used, day_used = store.budget_used(conn, job.claim.batch_id if cap is not None else None,
+                                                         job.snap.task_type.name if budget is not None else None)
+            if _fits_later(job, bound, {job.claim.batch_id: batch_used, "day:" + job.snap.task_type.name: day_used}):
                 break
 
 
@@ -691,8 +691,9 @@ def _finish(ctx: StageContext, jobs: list[_CallJob]) -> int:
             if gave_up else {}
         for job in jobs:
             if _halted(job) is None and any(s.over_budget for s in job.sent):
-                writes.budget_exhausted(job.snap, job.claim, "its next request did not fit in the batch's budget of "
-                                        f"${job.snap.max_cost_usd}", earlier_answer(conn, job.snap, job.claim))
+                writes.budget_exhausted(job.snap, job.claim, "its next request did not fit in what its budget "
+                                        "(the batch's --max-cost or the task type's daily one) had left",
+                                        earlier_answer(conn, job.snap, job.claim))
             else:
                 _end(writes, job, answered.get(job.claim.job_id))
         moved, due = writes.write(conn)
