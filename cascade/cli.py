@@ -27,7 +27,7 @@ from cascade.cli_common import err, fail, guard, make_client
 from cascade.cli_eval import eval_command
 from cascade.client import BatchStatus, Client
 from cascade.config import CascadeSettings, load_settings
-from cascade.display import console, money, parse_since, stats_table
+from cascade.display import accuracy_table, console, drifted, money, parse_since, stats_table
 from cascade.errors import CascadeError, ConfigError
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ app.add_typer(db_app, name="db")
 cache_app = typer.Typer(help="The request cache (answers kept in Postgres, reused by identical requests).",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+audit_app = typer.Typer(help="Quality audits: accepted answers re-run on a bigger model (routing_accuracy).",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="cascade.yaml (default: $CASCADE_CONFIG)")]
@@ -313,6 +316,37 @@ def _write_results(client: Client, batch: str, fmt: str) -> None:
         return
     for row in rows:
         out.write(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n")
+
+
+@audit_app.command("report")
+def audit_report(
+    task_type: Annotated[str | None, typer.Option(help="Only this task type.")] = None,
+    min_agreement: Annotated[float | None, typer.Option(
+        "--min-agreement", min=0, max=1,
+        help="Exit 1 when a tier's agreement with its auditor is surely below this: the upper end of its 95% "
+             "interval is (a drift alarm for cron or CI).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """How often the answers each tier and model accepted agree with the audit model (the routing_accuracy
+    view), with a 95% Wilson interval, and how often an escalated job's rejected answer matched the accepted
+    one. Exit 1 when --min-agreement is given and some tier falls below it."""
+    client = make_client()
+    rows = guard(lambda: client.routing_accuracy(task_type))
+    if as_json:
+        typer.echo(json.dumps(rows, default=_json_default))
+    else:
+        console().print(accuracy_table(rows, min_agreement))
+    if not any(row["audited"] for row in rows):
+        err.print("note: no audited answers yet (a task type audits with `audit: {rate: 0.05}`)", highlight=False,
+                  soft_wrap=True)
+    if min_agreement is not None:
+        low = [row for row in rows if drifted(row, min_agreement)]
+        for row in low:
+            err.print(f"drift: {row['task_type']} tier {row['tier']} ({row['model']}) agrees with its auditor "
+                      f"{row['agreed']} of {row['audited']} times; the 95% interval ends at {row['ci_high']}, below "
+                      f"{min_agreement}", markup=False, highlight=False, soft_wrap=True)
+        if low:
+            raise typer.Exit(1)
 
 
 @app.command()

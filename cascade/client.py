@@ -268,6 +268,13 @@ class Client:
             return store.escalation_stats_of(conn, task_type=task_type, batch_ids=ids, since=since,
                                              include_eval=include_eval)
 
+    def routing_accuracy(self, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
+        """Rows of the ``routing_accuracy`` view: per task type, tier and model, the accepted answers, how many
+        were audited and agreed with the auditor, with a 95 % interval, and how often an escalated job's rejected
+        answer matched the one accepted above it."""
+        with self.engine.connect() as conn:
+            return store.routing_accuracy(conn, task_type)
+
     def eval_batches(self) -> int:
         """How many batches ``cascade eval`` submitted (``stats(include_eval=False)`` leaves them out)."""
         with self.engine.connect() as conn:

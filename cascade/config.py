@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from decimal import Decimal
 from pathlib import Path
@@ -24,12 +25,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cascade.errors import ConfigError
 
 __all__ = [
+    "Audit",
     "CascadeConfig",
     "CascadeSettings",
     "Length",
     "ModelConfig",
     "Price",
     "ResolvedTier",
+    "RouteRule",
+    "RouteWhen",
+    "Routing",
     "SelfConsistency",
     "TaskSnapshot",
     "TaskType",
@@ -137,6 +142,74 @@ class Budget(_Frozen):
     per_day_usd: Decimal = Field(gt=0)
 
 
+class Audit(_Frozen):
+    """Re-run a share of the jobs accepted below the top tier on a bigger model and compare the answers
+    (``cascade.stages.audit``): the jobs are picked by a stable hash of their id, so a rate of 0.05 audits
+    the same jobs every time it is asked."""
+
+    rate: Decimal = Field(ge=0, le=1)
+    #: a model name of cascade.yaml; None: the last tier's. A tier's model runs with that tier's settings.
+    model: str | None = None
+
+
+class Routing(_Frozen):
+    """``start: learned``: each batch's jobs start at the tier with the lowest expected cost per finished job,
+    from the task type's recent history (``cascade.routing``); an ``explore`` share still starts at tier 1."""
+
+    start: Literal["first", "learned"] = "first"
+    explore: Decimal = Field(Decimal("0.05"), ge=0, le=1)
+    #: the most recent finished jobs of each tier that the estimate reads
+    window: int = Field(500, ge=1, le=100_000)
+    #: a tier with fewer finished jobs in its window is never a start tier (too little history)
+    min_jobs: int = Field(20, ge=1)
+
+
+#: The longest ``matches:`` pattern and the most characters of a field it reads: a rule runs on every row of a
+#: batch at submission, so neither may be unbounded.
+MAX_PATTERN_CHARS = 200
+MAX_MATCHED_CHARS = 10_000
+
+
+class RouteWhen(_Frozen):
+    """A rule's condition on one field of the row; every condition given must hold. A row without the field
+    never matches."""
+
+    field: str = Field(min_length=1)
+    min_chars: int | None = Field(None, ge=0)
+    max_chars: int | None = Field(None, ge=0)
+    equals: str | int | float | bool | None = None
+    in_: list[str | int | float | bool] | None = Field(None, alias="in", min_length=1)
+    matches: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("matches")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> RouteWhen:
+        given = self.model_fields_set - {"field"}
+        if not given:
+            raise ValueError("needs a condition: min_chars, max_chars, equals, in or matches")
+        return self
+
+
+class RouteRule(_Frozen):
+    """``- {when: {field: text, min_chars: 4000}, start_tier: 2}``: rows it matches start at ``start_tier``."""
+
+    when: RouteWhen
+    start_tier: int = Field(ge=1)
+    #: how jobs.route names the rule; None: ``route[i]``
+    name: str | None = None
+
+
 class TaskType(_Frozen):
     name: str
     system: str = ""
@@ -161,6 +234,12 @@ class TaskType(_Frozen):
     outage_wait_s: float = Field(900.0, gt=0)
     # A rolling 24 h cap over all its batches, enforced like a batch's --max-cost (cascade.store.budget).
     budget: Budget | None = None
+    #: quality audits of the answers accepted below the top tier (``routing_accuracy``)
+    audit: Audit | None = None
+    #: how a job's start tier is chosen when no ``route`` rule matches it
+    routing: Routing = Routing()
+    #: rules picking a row's start tier, in order; the first that matches wins
+    route: list[RouteRule] = Field(default_factory=list)
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -222,9 +301,25 @@ class TaskSnapshot(_Frozen):
 
     def tier(self, index: int) -> ResolvedTier:
         """The resolved tier ``index`` (1-based)."""
+        spec = self.task_type.tiers[index - 1]
+        return self._resolve(index, TierConfig(model=spec) if isinstance(spec, str) else spec)
+
+    def audit_tier(self) -> ResolvedTier | None:
+        """The tier an audit runs (``index`` 0, as its attempts are recorded): the last tier whose model is the
+        audit's model, with that tier's settings (samples, votes, prompts); a model no tier uses gets the task
+        type's settings. None: the task type has no audits."""
+        audit = self.task_type.audit
+        if audit is None:
+            return None
+        model = audit.model or self.tier(self.tier_count).model.name
+        for index in range(self.tier_count, 0, -1):
+            tier = self.tier(index)
+            if tier.model.name == model:
+                return tier.model_copy(update={"index": 0, "fallbacks": []})
+        return self._resolve(0, TierConfig(model=model))
+
+    def _resolve(self, index: int, over: TierConfig) -> ResolvedTier:
         task = self.task_type
-        spec = task.tiers[index - 1]
-        over = TierConfig(model=spec) if isinstance(spec, str) else spec
         sc = task.self_consistency
         variants = over.variants if over.variants is not None else (sc.variants if over.samples is None else None)
         samples = sum(v.samples for v in variants) if variants else (over.samples or sc.samples)
@@ -271,6 +366,7 @@ class CascadeConfig(_Frozen):
         ``max_cost_usd``: its cap on spend."""
         task = self.task(name)
         used = {t if isinstance(t, str) else t.model for t in task.tiers}
+        used.update([task.audit.model] if task.audit is not None and task.audit.model else [])
         used.update(f for t in task.tiers if not isinstance(t, str) for f in t.fallbacks)
         return TaskSnapshot(task_type=task, models={m.name: m for m in self.models if m.name in used},
                             cache_reads=cache_reads, max_cost_usd=max_cost_usd)
@@ -295,7 +391,7 @@ def render(template: str, row: dict[str, Any]) -> str:
     return template.format_map(values)
 
 
-_UNION_TAGS = frozenset({"str", "TierConfig"})
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "TierConfig"})
 
 
 def _loc(parts: tuple[int | str, ...]) -> str:
@@ -327,28 +423,44 @@ def _check_references(config: CascadeConfig, file: str) -> None:
         if task.name in seen:
             raise ConfigError(f"duplicate task type {task.name!r}", file=file, path=f"task_types[{i}].name")
         seen.add(task.name)
-        for j, tier in enumerate(task.tiers):
-            name = tier if isinstance(tier, str) else tier.model
-            if name not in models:
-                known = ", ".join(sorted(models)) or "none"
-                raise ConfigError(f"unknown model {name!r} (known: {known})", file=file,
-                                  path=f"task_types[{i}].tiers[{j}]")
-            backups = [] if isinstance(tier, str) else tier.fallbacks
-            for k, backup in enumerate(backups):
-                where = f"task_types[{i}].tiers[{j}].fallbacks[{k}]"
-                if backup not in models:
-                    known = ", ".join(sorted(models)) or "none"
-                    raise ConfigError(f"unknown model {backup!r} (known: {known})", file=file, path=where)
-                if backup == name or backup in backups[:k]:
-                    raise ConfigError(f"fallback {backup!r} is already in the tier (its model or an earlier "
-                                      "fallback)", file=file, path=where)
+        _check_tiers(task, models, file, i)
         for path, text in _templates(task):
             try:
                 template_fields(text)
             except ValueError as exc:
                 raise ConfigError(str(exc), file=file, path=f"task_types[{i}].{path}") from None
+        _check_routing(task, models, file, f"task_types[{i}]")
         if task.output == "text" and task.schema_ is not None:
             raise ConfigError("a schema needs output: json", file=file, path=f"task_types[{i}].schema")
+
+
+def _check_tiers(task: TaskType, models: set[str], file: str, i: int) -> None:
+    """Every tier's model and fallbacks exist, and no fallback repeats a model of its tier."""
+    for j, tier in enumerate(task.tiers):
+        name = tier if isinstance(tier, str) else tier.model
+        if name not in models:
+            known = ", ".join(sorted(models)) or "none"
+            raise ConfigError(f"unknown model {name!r} (known: {known})", file=file, path=f"task_types[{i}].tiers[{j}]")
+        backups = [] if isinstance(tier, str) else tier.fallbacks
+        for k, backup in enumerate(backups):
+            where = f"task_types[{i}].tiers[{j}].fallbacks[{k}]"
+            if backup not in models:
+                known = ", ".join(sorted(models)) or "none"
+                raise ConfigError(f"unknown model {backup!r} (known: {known})", file=file, path=where)
+            if backup == name or backup in backups[:k]:
+                raise ConfigError(f"fallback {backup!r} is already in the tier (its model or an earlier "
+                                  "fallback)", file=file, path=where)
+
+
+def _check_routing(task: TaskType, models: set[str], file: str, where: str) -> None:
+    """The audit's model exists; every route rule's start tier is one of the task type's tiers."""
+    if task.audit is not None and task.audit.model is not None and task.audit.model not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise ConfigError(f"unknown model {task.audit.model!r} (known: {known})", file=file, path=f"{where}.audit.model")
+    for k, rule in enumerate(task.route):
+        if rule.start_tier > len(task.tiers):
+            raise ConfigError(f"start_tier {rule.start_tier} is out of range: the task type has {len(task.tiers)} "
+                              "tiers", file=file, path=f"{where}.route[{k}].start_tier")
 
 
 def parse_config(data: Any, file: str) -> CascadeConfig:  # Any: parsed YAML
@@ -363,7 +475,11 @@ def parse_config(data: Any, file: str) -> CascadeConfig:  # Any: parsed YAML
         # A tier is `str | TierConfig`: pydantic reports both branches; the object's error is the useful one.
         err = next((e for e in errors if e["loc"][-1:] != ("str",)), errors[0])
         loc = tuple(part for part in err["loc"] if part not in _UNION_TAGS)
-        raise ConfigError(err["msg"], file=file, path=_loc(loc)) from None
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and loc[-2:-1] == ("when",):
+            message = (f"unknown condition {loc[-1]!r} (known: min_chars, max_chars, equals, in, matches); "
+                       + message)
+        raise ConfigError(message, file=file, path=_loc(loc)) from None
     if len(set(dup)) != len(dup):
         raise ConfigError("duplicate model name", file=file, path="models")
     _check_references(config, file)

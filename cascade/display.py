@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "count", "latency", "money", "parse_since", "percent", "rate", "stats_table"]
+__all__ = ["accuracy_table", "console", "count", "drifted", "latency", "money", "parse_since", "percent", "rate",
+           "stats_table"]
 
 #: the width of a console that is not a terminal: lines and tables as long as their content
 UNFOLDED_WIDTH = 10_000
@@ -90,7 +91,7 @@ def parse_since(text: str, now: datetime) -> datetime:
 #: escalation_stats columns as people read them; ``--json`` and SQL keep the exact values
 STATS_COLUMNS: dict[str, Callable[[object], str]] = {
     "jobs": count, "finished": count, "succeeded": count, "failed": count, "escalation_rate": rate,
-    "tier2_rate": rate, "tier3_rate": rate, "avg_cost_usd": money, "baseline_cost_usd": money,
+    "tier2_rate": rate, "tier3_rate": rate, "skipped_rate": rate, "avg_cost_usd": money, "baseline_cost_usd": money,
     "savings_pct": percent, "p50_latency_ms": latency, "p95_latency_ms": latency, "total_cost_usd": money,
 }
 
@@ -104,3 +105,30 @@ def stats_table(rows: list[dict[str, Any]]) -> Table:  # Any: view rows
     for col, show in STATS_COLUMNS.items():
         table.add_row(col, *[show(row.get(col)) for row in rows])
     return table
+
+
+def accuracy_table(rows: list[dict[str, Any]], min_agreement: float | None = None) -> Table:  # Any: view rows
+    """routing_accuracy, one row per task type, tier and model; with ``min_agreement``, rows whose interval's
+    upper end is below it are marked ``DRIFT``."""
+    table = Table(title="routing_accuracy")
+    for name in ("task_type", "tier", "model"):
+        table.add_column(name, no_wrap=True)
+    for name in ("accepted", "audited", "agreed", "agreement", "95% interval", "escalated", "escalated agreement"):
+        table.add_column(name, justify="right", no_wrap=True)
+    if min_agreement is not None:
+        table.add_column("")
+    for row in rows:
+        interval = "-" if row["ci_low"] is None else f"{rate(row['ci_low'])} - {rate(row['ci_high'])}"
+        cells = [str(row["task_type"]), str(row["tier"]), str(row["model"]), count(row["accepted"]),
+                 count(row["audited"]), count(row["agreed"]), rate(row["agreement_rate"]), interval,
+                 count(row["escalated"]), rate(row["escalated_agreement"])]
+        if min_agreement is not None:
+            cells.append("DRIFT" if drifted(row, min_agreement) else "")
+        table.add_row(*cells)
+    return table
+
+
+def drifted(row: dict[str, Any], min_agreement: float) -> bool:  # Any: a view row
+    """Whether a routing_accuracy row's agreement is surely below ``min_agreement``: its 95 % interval ends
+    below it."""
+    return row["ci_high"] is not None and float(row["ci_high"]) < min_agreement

@@ -19,7 +19,7 @@ from typing import IO, Any, Literal
 
 from sqlalchemy import Engine
 
-from cascade import store
+from cascade import routing, store
 from cascade.config import CascadeConfig, TaskSnapshot, template_fields
 from cascade.errors import DuplicateKey, IdempotencyConflict, IdempotencyKeyTaken, InputError, ServiceUnreachable
 from cascade.publish import Publisher, broker_errors
@@ -124,13 +124,16 @@ class _Accepted:
     source: str
     key_field: str | None
     rejects: _Rejects
+    batch_id: str = ""
+    #: where rows no ``route`` rule matches start under ``routing: {start: learned}`` (``learn_start``)
+    learned: int = 1
     digest: Any = None  # Any: a hashlib object
     lines: array[int] = field(default_factory=lambda: array("q"))  # source line of each accepted row
 
     def __post_init__(self) -> None:
         self.digest = hashlib.sha256(f"{self.snap.task_type.name}\0{self.snap.config_hash()}\0".encode())
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[tuple[str, str, int, str | None]]:
         fields, task = required_fields(self.snap), self.snap.task_type.name
         for line, row in self.rows:
             if isinstance(row, InputError):
@@ -145,7 +148,8 @@ class _Accepted:
             self.digest.update(key.encode() + b"\0" + encoded + b"\n")
             if self.key_field is not None:  # only keyed rows can collide; 8 bytes a row names the duplicate's line
                 self.lines.append(line)
-            yield key, data
+            start = routing.start_of(self.snap.task_type, self.batch_id, key, row, self.learned)
+            yield key, data, start.tier, start.route
 
     def duplicate(self, exc: DuplicateKey) -> InputError:
         """The InputError for a COPY that failed on a duplicate key: the second row's source line and field."""
@@ -162,6 +166,17 @@ def _new_batch(batch_id: str, snap: TaskSnapshot, key: str | None, source: str) 
     top = snap.tier(snap.tier_count).model.price
     return store.NewBatch(batch_id, snap.task_type.name, key, json.dumps(snap.to_json()), snap.config_hash(), source,
                           snap.tier_count, top.input_per_mtok, top.output_per_mtok)
+
+
+def learn_start(engine: Engine, snap: TaskSnapshot) -> int:
+    """The tier a batch's jobs start at under ``routing: {start: learned}`` (``cascade.routing.learned_start``,
+    from the task type's history now); 1 when the task type does not learn."""
+    learning = snap.task_type.routing
+    if learning.start != "learned":
+        return 1
+    with engine.connect() as conn:
+        history = store.tier_history(conn, snap.task_type.name, snap.tier_count, learning.window)
+    return routing.learned_start([routing.TierHistory(*h) for h in history], snap.tier_count, learning.min_jobs)
 
 
 def _existing(engine: Engine, key: str) -> tuple[str, str] | None:
@@ -207,7 +222,7 @@ def submit_rows(
     """
     batch_id = uuid.uuid4().hex
     rejects = _Rejects(rejects_path)
-    accepted = _Accepted(rows, snap, source, key_field, rejects)
+    accepted = _Accepted(rows, snap, source, key_field, rejects, batch_id, learn_start(engine, snap))
     rejects.open()
     try:
         if idempotency_key and (found := _existing(engine, idempotency_key)):
@@ -243,11 +258,11 @@ def _same_batch(key: str, found: tuple[str, str], accepted: _Accepted) -> Submit
 
 
 def publish_batch(engine: Engine, publisher: Publisher, batch_id: str) -> int:
-    """Publish every queued tier-1 call of a batch, streaming ids in chunks."""
+    """Publish every queued call of a batch (each at its start tier), streaming ids in chunks."""
     sent = 0
     with engine.connect() as conn:
         for chunk in store.queued_calls(conn, batch_id, PUBLISH_CHUNK):
-            publisher.publish([(job_id, 1, Stage.CALL) for job_id in chunk])
+            publisher.publish([(job_id, tier, Stage.CALL) for job_id, tier in chunk])
             sent += len(chunk)
     return sent
 

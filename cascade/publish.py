@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AUDIT_QUEUE",
+    "AUDIT_TASK",
     "CALL_TASK",
     "SWEEP_QUEUE",
     "SWEEP_TASK",
@@ -50,6 +52,10 @@ __all__ = [
 CALL_TASK = "cascade.call_model"
 VALIDATE_TASK = "cascade.validate"
 VALIDATE_QUEUE = "validate"
+AUDIT_TASK = "cascade.audit"
+#: Quality audits (``cascade.stages.audit``): their own queue, which a deployment may give fewer workers than
+#: the tiers; audits never hold up a batch (``cascade wait`` waits for jobs only).
+AUDIT_QUEUE = "audit"
 SWEEP_TASK = "cascade.sweep"
 #: Celery beat's periodic sweep runs here, never behind a backlog on the tier queues (CELERY-NOTES §7).
 SWEEP_QUEUE = "sweep"
@@ -114,12 +120,12 @@ def is_tier_queue(name: str) -> bool:
 
 
 def worker_queues(tiers: int = MIN_TIERS) -> list[str]:
-    """The queues a worker running every stage consumes: tier1..tier{tiers} and validate."""
-    return [*tier_queues(tiers), VALIDATE_QUEUE]
+    """The queues a worker running every stage consumes: tier1..tier{tiers}, validate and audit."""
+    return [*tier_queues(tiers), VALIDATE_QUEUE, AUDIT_QUEUE]
 
 
 def all_queues(tiers: int = MIN_TIERS) -> list[str]:
-    """Every queue cascade declares: tier1..tier{tiers}, validate and sweep."""
+    """Every queue cascade declares: tier1..tier{tiers}, validate, audit and sweep."""
     return [*worker_queues(tiers), SWEEP_QUEUE]
 
 
@@ -131,7 +137,9 @@ def broker_errors() -> tuple[type[Exception], ...]:
 
 
 def queue_for(tier: int, stage: Stage) -> str:
-    """Tier N's call stage runs on queue ``tierN``; every validation on ``validate``."""
+    """Tier N's call stage runs on queue ``tierN``; every validation on ``validate``, every audit on ``audit``."""
+    if stage is Stage.AUDIT:
+        return AUDIT_QUEUE
     return f"tier{tier}" if stage is Stage.CALL else VALIDATE_QUEUE
 
 
@@ -260,9 +268,9 @@ class CeleryPublisher:
 
     def queue_lengths(self) -> dict[str, int]:
         """Messages waiting on every tier queue this app declares (``tiers`` at connect, plus any it
-        published to since) and on validate."""
+        published to since), on validate and on audit."""
         declared = [name for name in self.app.amqp.queues if is_tier_queue(name)]
-        queues = [*sorted(declared, key=lambda name: int(name[4:])), VALIDATE_QUEUE]
+        queues = [*sorted(declared, key=lambda name: int(name[4:])), VALIDATE_QUEUE, AUDIT_QUEUE]
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             client = getattr(channel, "client", None)
@@ -277,7 +285,7 @@ class CeleryPublisher:
 
 
 def _task(stage: Stage) -> str:
-    return CALL_TASK if stage is Stage.CALL else VALIDATE_TASK
+    return {Stage.CALL: CALL_TASK, Stage.VALIDATE: VALIDATE_TASK, Stage.AUDIT: AUDIT_TASK}[stage]
 
 
 def _is_redis(producer: Any) -> bool:  # Any: a kombu Producer

@@ -21,6 +21,7 @@ import email.utils
 import hashlib
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -168,6 +169,12 @@ class SimModel(BaseModel):
     rpm_limit: int | None = Field(None, gt=0)
     tpm_limit: int | None = Field(None, gt=0)
     limit_window_s: float = Field(60.0, gt=0, le=60)
+    #: a regular expression: a request whose key (its last user message) it matches gets one wrong answer, the
+    #: same in every sample: valid, self-consistent and wrong, a mistake no validator sees (audits catch it)
+    confidently_wrong: str | None = Field(None, min_length=1, max_length=200)
+
+    def is_confidently_wrong(self, key: str) -> bool:
+        return self.confidently_wrong is not None and re.search(self.confidently_wrong, key) is not None
 
     @model_validator(mode="after")
     def _check_sums(self) -> SimModel:
@@ -242,6 +249,8 @@ class SimConfig(BaseModel):
     def outcome(self, model: str, key: str, sample: int) -> Outcome:
         """What sample number ``sample`` of ``model`` is for the request keyed ``key``."""
         m = self.model(model)
+        if m.is_confidently_wrong(key):
+            return "wrong"
         u = _unit(self.seed, "outcome", model, key, sample)
         bad: list[tuple[Outcome, float]] = [("invalid_json", m.p_invalid_json),
                                             ("schema_violation", m.p_schema_violation), ("too_short", m.p_too_short)]
@@ -264,7 +273,8 @@ class SimConfig(BaseModel):
             return _INVALID_JSON
         if outcome == "schema_violation":
             return _violation(_schema_of(response_format))
-        return self._wrong(model, key, sample, response_format)
+        confident = self.model(model).is_confidently_wrong(key)
+        return self._wrong(model, key, 0 if confident else sample, response_format)
 
     def _wrong(self, model: str, key: str, sample: int, response_format: Mapping[str, Any] | None) -> str:
         correct = expected_answer(self.seed, key, response_format)

@@ -14,6 +14,8 @@ Three cases, each an UPDATE ... RETURNING that stamps ``published_at`` and then 
   long, healthy backlog is never re-published; a lost message hidden behind a backlog of part-filled
   messages is found once that backlog drains.
 
+Audits (``cascade.stages.audit``) are swept the same three ways.
+
 Every UPDATE skips rows another transaction holds (``SKIP LOCKED``): a frozen worker's open transaction
 delays its own jobs only, never the sweep. One sweeper at a time: a Postgres advisory lock. The statements
 live in ``cascade.store.sweep``; this module decides what to re-publish and publishes it.
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine
 
 from cascade import store
-from cascade.publish import Due, Publisher, queue_for
+from cascade.publish import AUDIT_QUEUE, Due, Publisher, queue_for
+from cascade.store import Stage
 
 __all__ = ["SweepReport", "sweep"]
 
@@ -42,6 +45,10 @@ class SweepReport:
     stalled: int = 0
 
 
+def _audits(ids: list[int]) -> list[Due]:
+    return [(audit_id, store.AUDIT_TIER, Stage.AUDIT) for audit_id in ids]
+
+
 def _stalled(conn: Connection, publisher: Publisher, stalled_after_s: float, jobs_per_message: int) -> list[Due]:
     lengths = publisher.queue_lengths()
     out: list[Due] = []
@@ -50,6 +57,9 @@ def _stalled(conn: Connection, publisher: Publisher, stalled_after_s: float, job
         if missing <= 0:
             continue  # the broker holds a message for every due job: a healthy backlog
         out += store.stamp_stalled(conn, tier, stage, stalled_after_s, missing)
+    missing = store.waiting_audits(conn) - lengths.get(AUDIT_QUEUE, 0) * jobs_per_message
+    if missing > 0:  # audits, the same way
+        out += _audits(store.stamp_stalled_audits(conn, stalled_after_s, missing))
     return out
 
 
@@ -63,7 +73,8 @@ def sweep(engine: Engine, publisher: Publisher, *, stalled_after_s: float = 20.0
         try:
             with engine.begin() as conn:
                 expired = store.take_back_expired(conn, dead_after_s)
-                due = store.stamp_deferred_due(conn)
+                expired += _audits(store.take_back_audits(conn, dead_after_s))
+                due = store.stamp_deferred_due(conn) + _audits(store.stamp_audits_due(conn))
                 store.forget_workers(conn)
             publisher.publish(expired + due)
             with engine.begin() as conn:

@@ -12,6 +12,7 @@ Human text goes in the detail, never in the code.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -28,6 +29,7 @@ from cascade.config import Length
 __all__ = [
     "Reason",
     "Verdict",
+    "answer_key",
     "canonicalize",
     "check_sample",
     "model_error",
@@ -240,6 +242,12 @@ def canonicalize(value: Any, fields: Sequence[str] | None = None) -> str:  # Any
     if fields is not None and isinstance(value, dict):
         value = {field: value.get(field) for field in fields}
     return _canonical(value)
+
+
+def answer_key(value: Any, fields: Sequence[str] | None = None) -> str:  # Any: a JSON value
+    """A short fixed-size name of an answer's canonical form (``canonicalize``): equal answers get equal keys.
+    ``validations.answer_key`` stores it, so answers can be compared in SQL without storing them again."""
+    return hashlib.sha256(canonicalize(value, fields).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -11,8 +11,8 @@ from sqlalchemy.exc import DBAPIError
 
 from cascade.liveness import Heartbeat, HeldClaims, new_worker_id
 from cascade.providers import ProviderPool
-from cascade.publish import CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
-from cascade.stages import StageContext, run_calls, run_validates
+from cascade.publish import AUDIT_TASK, CALL_TASK, SWEEP_TASK, VALIDATE_TASK, CeleryPublisher
+from cascade.stages import StageContext, run_audits, run_calls, run_validates
 from cascade.store import make_engine
 from cascade.sweeper import sweep as sweep_once
 from workers.app import app, settings
@@ -88,6 +88,11 @@ def call_model(job_ids: list[int] | int, tier: int) -> None:
 @app.task(name=VALIDATE_TASK, **RETRY)
 def validate(job_ids: list[int] | int, tier: int) -> None:
     run_validates(context(), _ids(job_ids), tier)
+
+
+@app.task(name=AUDIT_TASK, **RETRY)
+def audit(audit_ids: list[int], tier: int = 0) -> None:
+    run_audits(context(), audit_ids)
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)

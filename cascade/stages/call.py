@@ -23,7 +23,7 @@ from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
 from cascade.providers import Completion
-from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
+from cascade.ratelimit import UNLIMITED, Reservation, pause_s
 from cascade.stages.budget import BudgetBusy, OverBudget, cost_bound, earlier_answer, settle_rows, settled
 from cascade.stages.cached import (
     Cached,
@@ -38,6 +38,7 @@ from cascade.stages.cached import (
 from cascade.stages.context import StageContext, request_threads
 from cascade.stages.failover import MAX_OUTAGE_WAIT_S, Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
+from cascade.stages.limits import limit_tokens, reserve_slots
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
 from cascade.store.cache import Fill, fill_keys
@@ -217,7 +218,7 @@ def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Reque
     pending requests; False when no slot comes soon and the job moved (``writes`` says where)."""
     claim, tier = job.claim, job.tier
     sending = [i for i, c in enumerate(cached) if c is None or c.role is Role.SEND]
-    slots = _reserve(ctx, tier, [requests[i] for i in sending], hold=f"{claim.job_id}:{claim.tier}")
+    slots = reserve_slots(ctx, tier, [requests[i] for i in sending], hold=f"{claim.job_id}:{claim.tier}")
     if not slots.granted:
         # No slot soon: hand the job back to Postgres (not_before) so it frees the worker; it comes back a
         # little before its held slot (the sweeper re-publishes it) and waits the rest inline.
@@ -228,7 +229,7 @@ def _plan(ctx: StageContext, writes: Writes, job: _CallJob, requests: list[Reque
     waits = {i: slots.wait_s(k) for k, i in enumerate(sending)}
     job.pending = [_Pending(r, None, waits.get(i, 0.0), past.failures.get((r.sample, r.n, True), 0),
                             past.failures.get((r.sample, r.n, False), 0),
-                            _tokens(tier, r) if booked and i in waits else 0, cached[i],
+                            limit_tokens(tier, r) if booked and i in waits else 0, cached[i],
                             bound=cost_bound(tier, r) if i in waits else Decimal(0))
                    for i, r in enumerate(requests)]
     return True
@@ -333,25 +334,6 @@ def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
     except ConfigError as exc:
         return model_error("config", str(exc), samples=tier.samples)
     return None
-
-
-def _reserve(ctx: StageContext, tier: ResolvedTier, requests: Sequence[Request], *, hold: str | None) -> Reservation:
-    """Slots for ``requests`` under the model's ``rate_limit_rpm`` and their upper-bound tokens under its
-    ``rate_limit_tpm`` (shared by every worker)."""
-    model = tier.model
-    limiter = ctx.limiter() if (model.rate_limit_rpm or model.rate_limit_tpm) and requests else None
-    if limiter is None:
-        return UNLIMITED
-    tokens = sum(_tokens(tier, r) for r in requests) if model.rate_limit_tpm else 0
-    return limiter.reserve(model.name, model.rate_limit_rpm, count=len(requests), max_wait_s=ctx.limit_wait_s,
-                           hold=hold, tpm=model.rate_limit_tpm, tokens=tokens)
-
-
-def _tokens(tier: ResolvedTier, request: Request) -> int:
-    """What ``request`` reserves under ``rate_limit_tpm``: the most it can use."""
-    if not tier.model.rate_limit_tpm:
-        return 0
-    return upper_bound_tokens(request.messages, n=request.n, max_tokens=tier.max_tokens)
 
 
 def _settle(ctx: StageContext, tier: ResolvedTier, pending: _Pending, done: Completion) -> None:
@@ -569,11 +551,11 @@ def _wait_to_retry(ctx: StageContext, job: _CallJob, tier: ResolvedTier, pending
         _end_rows(conn, [job], sent.rows)
     sent.rows.clear()
     ctx.sleep(step.delay_s)
-    slot = _reserve(ctx, tier, [pending.request], hold=None)
+    slot = reserve_slots(ctx, tier, [pending.request], hold=None)
     if not slot.granted:
         sent.defer_s, sent.error_detail = _slot_delay(ctx, slot), _limit_note(tier, slot)
         return False
-    pending.tokens = _tokens(tier, pending.request) if slot is not UNLIMITED else 0
+    pending.tokens = limit_tokens(tier, pending.request) if slot is not UNLIMITED else 0
     ctx.sleep(slot.wait_s(0))
     sent.error_kind, sent.error_detail = None, ""
     return True

@@ -22,9 +22,10 @@ from cascade import store
 from cascade.config import TaskSnapshot
 from cascade.policy import Action, after_verdict
 from cascade.publish import Due
+from cascade.routing import audited
 from cascade.stages.context import StageContext
 from cascade.store import Claim, JobStatus, Stage
-from cascade.validate import Verdict
+from cascade.validate import Verdict, answer_key
 
 __all__ = ["Writes", "claim_due", "holding"]
 
@@ -74,6 +75,8 @@ class Writes:
     validations: list[dict[str, Any]] = field(default_factory=list)  # Any: validations INSERT parameters
     moves: list[store.Move] = field(default_factory=list)
     next_steps: dict[int, Due] = field(default_factory=dict)
+    #: accepted answers picked for a quality audit (``cascade.stages.audit``)
+    audits: list[store.NewAudit] = field(default_factory=list)
 
     def move(self, claim: Claim, status: JobStatus, tier: int, stage: Stage, *, output_json: str | None = None,
              error: str | None = None, delay_s: float = 0.0, then: Due | None = None) -> None:
@@ -93,7 +96,14 @@ class Writes:
             # an answer the policy accepted as the last tier's counts as passed, as it always has
             "passed": accepted, "agreement": verdict.agreement, "votes": verdict.votes, "samples": verdict.samples,
             "reasons": json.dumps(store.pg_json([] if accepted else [r.to_json() for r in verdict.reasons])),
+            "answer_key": answer_key(verdict.result, task.self_consistency.fields) if verdict.votes else None,
         })
+        if accepted and claim.tier < snap.tier_count and task.audit is not None \
+                and audited(claim.job_id, task.audit.rate):
+            auditor = snap.audit_tier()
+            assert auditor is not None
+            self.audits.append(store.NewAudit(claim.job_id, task.name, claim.tier,
+                                              model or snap.tier(claim.tier).model.name, auditor.model.name))
         if accepted:
             self.move(claim, JobStatus.SUCCEEDED, claim.tier, Stage.VALIDATE,
                       output_json=json.dumps(store.pg_json(verdict.result)))
@@ -111,6 +121,7 @@ class Writes:
             "job_id": claim.job_id, "tier": claim.tier, "model": snap.tier(claim.tier).model.name, "passed": False,
             "agreement": None, "votes": 0, "samples": snap.tier(claim.tier).samples,
             "reasons": json.dumps([{"code": "budget_exhausted", "detail": store.pg_text(detail[:500])}]),
+            "answer_key": None,
         })
         if earlier is not None and snap.task_type.on_exhausted == "accept_last":
             self.move(claim, JobStatus.SUCCEEDED, claim.tier, Stage.VALIDATE,
@@ -120,7 +131,10 @@ class Writes:
 
     def write(self, conn: Connection) -> tuple[int, list[Due]]:
         """Write everything in ``conn``'s transaction; returns how many jobs moved and the messages due for
-        them. A verdict is recorded only for a job that moved: a claim that was taken over leaves no trace."""
+        them and for their audits. A verdict is recorded only for a job that moved: a claim that was taken over
+        leaves no trace."""
         moved = store.move_many(conn, self.moves)
         store.record_validations(conn, [v for v in self.validations if v["job_id"] in moved])
-        return len(moved), [due for job_id, due in self.next_steps.items() if job_id in moved]
+        due = [due for job_id, due in self.next_steps.items() if job_id in moved]
+        audit_ids = store.insert_audits(conn, [a for a in self.audits if a.job_id in moved])
+        return len(moved), due + [(audit_id, 0, Stage.AUDIT) for audit_id in audit_ids]

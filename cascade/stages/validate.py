@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from cascade import store
-from cascade.config import Length, TaskSnapshot
+from cascade.config import Length, ResolvedTier, TaskSnapshot
 from cascade.stages.context import StageContext
 from cascade.stages.ledger import Writes, claim_due
 from cascade.stages.requests import stored_cap
 from cascade.store import Stage
 from cascade.validate import Verdict, vote
 
-__all__ = ["judge", "run_validate", "run_validates"]
+__all__ = ["judge", "judge_tier", "run_validate", "run_validates"]
 
 
 def run_validate(ctx: StageContext, job_id: int, tier: int) -> bool:
@@ -42,7 +42,13 @@ def judge(snap: TaskSnapshot, tier: int, answers: dict[int, str | None], truncat
     """The validator's verdict on a tier's answers (sample index → content; ``truncated``: samples cut at
     max_tokens; ``refused``: samples refused or filtered, with why). What follows from it, ``on_exhausted``
     included, is the policy's (``Writes.verdict``)."""
-    task, resolved = snap.task_type, snap.tier(tier)
+    return judge_tier(snap, snap.tier(tier), answers, truncated, refused)
+
+
+def judge_tier(snap: TaskSnapshot, resolved: ResolvedTier, answers: dict[int, str | None],
+               truncated: Collection[int] = (), refused: Mapping[int, tuple[str, str]] | None = None) -> Verdict:
+    """``judge`` with the settings of ``resolved`` (an audit's tier is none of the task type's)."""
+    task = snap.task_type
     texts = [answers.get(i) for i in range(resolved.samples)]
     return vote(texts, samples=resolved.samples, min_agreement=resolved.min_agreement, output=task.output,
                 schema=task.schema_, length=_length(snap), fields=task.self_consistency.fields, truncated=truncated,

@@ -28,6 +28,19 @@ from cascade.store.attempts import (
     start_attempts,
     start_held_attempt,
 )
+from cascade.store.audits import (
+    AUDIT_TIER,
+    AuditClaim,
+    AuditEnd,
+    NewAudit,
+    claim_audits,
+    end_audits,
+    insert_audits,
+    stamp_audits_due,
+    stamp_stalled_audits,
+    take_back_audits,
+    waiting_audits,
+)
 from cascade.store.batches import (
     JobResult,
     NewBatch,
@@ -61,7 +74,14 @@ from cascade.store.budget import (
 )
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
-from cascade.store.reports import count_eval_batches, escalation_stats, escalation_stats_of, record_eval_run
+from cascade.store.reports import (
+    count_eval_batches,
+    escalation_stats,
+    escalation_stats_of,
+    record_eval_run,
+    routing_accuracy,
+)
+from cascade.store.routing import tier_history
 from cascade.store.sweep import (
     forget_workers,
     release_sweep_lock,
@@ -74,16 +94,20 @@ from cascade.store.sweep import (
 from cascade.store.values import pg_json, pg_text
 
 __all__ = [
+    "AUDIT_TIER",
     "INTERRUPTED",
     "IN_FLIGHT",
     "TRANSITIONS",
     "Answers",
+    "AuditClaim",
+    "AuditEnd",
     "Claim",
     "History",
     "JobResult",
     "JobStatus",
     "Move",
     "NewAttempt",
+    "NewAudit",
     "NewBatch",
     "Stage",
     "answers_many",
@@ -94,6 +118,7 @@ __all__ = [
     "batch_rows",
     "budget_used",
     "claim",
+    "claim_audits",
     "copy_jobs",
     "count_eval_batches",
     "count_finished",
@@ -102,11 +127,13 @@ __all__ = [
     "count_jobs_by_tier",
     "database_errors",
     "end_attempts",
+    "end_audits",
     "escalation_stats",
     "escalation_stats_of",
     "finish_batch",
     "forget_workers",
     "halt_batch",
+    "insert_audits",
     "insert_batch",
     "job_results",
     "lock_for_settling",
@@ -129,14 +156,20 @@ __all__ = [
     "reserve_budget",
     "reserve_daily",
     "resume_batch",
+    "routing_accuracy",
     "settle_budget",
     "settle_daily",
     "settle_daily_now",
+    "stamp_audits_due",
     "stamp_deferred_due",
     "stamp_stalled",
+    "stamp_stalled_audits",
     "start_attempts",
     "start_held_attempt",
+    "take_back_audits",
     "take_back_expired",
     "take_sweep_lock",
+    "tier_history",
+    "waiting_audits",
     "waiting_jobs",
 ]

@@ -87,14 +87,15 @@ class NewAttempt:
     sample: int
     n: int
     reserved_usd: Decimal | None = None  # the upper bound of its cost
+    audit: bool = False  # audit work (``cascade.stages.audit``), recorded at tier 0
 
 
 _NEW_ATTEMPTS = text("""
-INSERT INTO attempts (job_id, tier, model, variant, sample, n, error, reserved_usd)
-SELECT job_id, tier, model, variant, sample, n, 'in_flight', reserved_usd
+INSERT INTO attempts (job_id, tier, model, variant, sample, n, error, reserved_usd, audit)
+SELECT job_id, tier, model, variant, sample, n, 'in_flight', reserved_usd, audit
 FROM unnest(CAST(:job_ids AS bigint[]), CAST(:tiers AS int[]), CAST(:models AS text[]), CAST(:variants AS text[]),
-            CAST(:samples AS int[]), CAST(:ns AS int[]), CAST(:reserved AS numeric[]))
-     AS a(job_id, tier, model, variant, sample, n, reserved_usd)
+            CAST(:samples AS int[]), CAST(:ns AS int[]), CAST(:reserved AS numeric[]), CAST(:audit AS boolean[]))
+     AS a(job_id, tier, model, variant, sample, n, reserved_usd, audit)
 RETURNING id, job_id, tier, sample
 """)
 
@@ -107,7 +108,7 @@ def start_attempts(conn: Connection, new: Sequence[NewAttempt]) -> list[int]:
         return []
     params = {"job_ids": [a.job_id for a in new], "tiers": [a.tier for a in new], "models": [a.model for a in new],
               "variants": [a.variant for a in new], "samples": [a.sample for a in new], "ns": [a.n for a in new],
-              "reserved": [a.reserved_usd for a in new]}
+              "reserved": [a.reserved_usd for a in new], "audit": [a.audit for a in new]}
     ids = {(job_id, tier, sample): int(i) for i, job_id, tier, sample in conn.execute(_NEW_ATTEMPTS, params)}
     return [ids[(a.job_id, a.tier, a.sample)] for a in new]
 
@@ -186,9 +187,10 @@ _END_AND_FILL = text(f"WITH fill AS ({FILL_SQL}) {_END_ATTEMPTS_SQL}")
 _END_FIELDS = ("latency_ms", "input_tokens", "output_tokens", "cost_usd", "error", "detail", "response", "truncated",
                "cached_tokens", "reasoning_tokens", "choices", "refusals", "request_id", "served_model",
                "gateway_cost_usd", "cached", "saved_usd")
-# A late answer's cost joins its job's total at once (a job that already finished is not moved again).
+# A late answer's cost joins its job's total at once (a job that already finished is not moved again); audit work
+# (``attempts.audit``) is never part of it.
 _RECOST = text("""
-UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id)
+UPDATE jobs SET cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = jobs.id AND NOT audit)
 WHERE id = ANY(:ids)
 """)
 
@@ -256,8 +258,8 @@ def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[in
 
 
 _VALIDATION = text("""
-INSERT INTO validations (job_id, tier, model, passed, reasons, agreement, votes, samples)
-VALUES (:job_id, :tier, :model, :passed, CAST(:reasons AS jsonb), :agreement, :votes, :samples)
+INSERT INTO validations (job_id, tier, model, passed, reasons, agreement, votes, samples, answer_key)
+VALUES (:job_id, :tier, :model, :passed, CAST(:reasons AS jsonb), :agreement, :votes, :samples, :answer_key)
 ON CONFLICT (job_id, tier) DO NOTHING
 """)
 

@@ -90,14 +90,16 @@ def insert_batch(conn: Connection, batch: NewBatch) -> None:
         raise
 
 
-_COPY_JOBS = "COPY jobs (batch_id, task_type, key, input) FROM STDIN"
+_COPY_JOBS = "COPY jobs (batch_id, task_type, key, input, tier, start_tier, route) FROM STDIN"
 _DUPLICATE = re.compile(r"\(batch_id, key\)=\([^,]*, (.*)\) already exists")
 _COPY_LINE = re.compile(r"COPY jobs, line (\d+)")
 
 
-def copy_jobs(conn: Connection, batch_id: str, task_type: str, rows: Iterable[tuple[str, str]]) -> int:
-    """Copy a batch's jobs, (key, input as JSON text) each, in one COPY as ``rows`` yields them (a batch is
-    never all in memory); returns how many. An error ``rows`` raises ends the COPY and propagates.
+def copy_jobs(conn: Connection, batch_id: str, task_type: str,
+              rows: Iterable[tuple[str, str, int, str | None]]) -> int:
+    """Copy a batch's jobs, (key, input as JSON text, start tier, what chose it) each, in one COPY as ``rows``
+    yields them (a batch is never all in memory); returns how many. An error ``rows`` raises ends the COPY and
+    propagates.
 
     Raises:
         DuplicateKey: two rows have the same key; the transaction is aborted.
@@ -107,8 +109,8 @@ def copy_jobs(conn: Connection, batch_id: str, task_type: str, rows: Iterable[tu
     assert raw is not None
     try:
         with raw.cursor() as cur, cur.copy(_COPY_JOBS) as copy:
-            for key, data in rows:
-                copy.write_row((batch_id, task_type, key, data))
+            for key, data, start, route in rows:
+                copy.write_row((batch_id, task_type, key, data, start, start, route))
                 count += 1
     except UniqueViolation as exc:
         match = _DUPLICATE.search(exc.diag.message_detail or "")
@@ -134,15 +136,17 @@ def batch_by_key(conn: Connection, key: str) -> tuple[str, str] | None:
     return (row.id, row.content_hash) if row else None
 
 
-_QUEUED_CALLS = text("SELECT id FROM jobs WHERE batch_id = :b AND status = 'queued' AND stage = 'call' ORDER BY id")
+_QUEUED_CALLS = text("""
+SELECT id, tier FROM jobs WHERE batch_id = :b AND status = 'queued' AND stage = 'call' ORDER BY id
+""")
 
 
-def queued_calls(conn: Connection, batch_id: str, chunk: int) -> Iterator[list[int]]:
-    """The ids of a batch's queued calls in chunks of ``chunk``, streamed (a server-side cursor on ``conn``,
-    which must stay open while they are read)."""
+def queued_calls(conn: Connection, batch_id: str, chunk: int) -> Iterator[list[tuple[int, int]]]:
+    """(job id, tier) of a batch's queued calls in chunks of ``chunk``, streamed (a server-side cursor on
+    ``conn``, which must stay open while they are read)."""
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(_QUEUED_CALLS, {"b": batch_id})
     for part in result.partitions(chunk):
-        yield [job_id for (job_id,) in part]
+        yield [(job_id, tier) for job_id, tier in part]
 
 
 # --- halting on a configuration fault -----------------------------------------------------------

@@ -34,6 +34,8 @@ class JobStatus(enum.StrEnum):
 class Stage(enum.StrEnum):
     CALL = "call"
     VALIDATE = "validate"
+    #: a message stage only (never in ``jobs.stage``): its ids are ``audits`` ids (``cascade.stages.audit``)
+    AUDIT = "audit"
 
 
 #: The allowed moves of ``jobs.status``; every UPDATE in this module follows one of them.
@@ -105,7 +107,7 @@ UPDATE jobs j SET status = m.status, tier = m.tier, stage = m.stage, lease_until
                   not_before = CASE WHEN m.delay_s > 0 THEN now() + make_interval(secs => m.delay_s) END,
                   published_at = CASE WHEN m.delay_s > 0 THEN NULL ELSE now() END,
                   output = CAST(m.output AS jsonb), error = m.error,
-                  cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = m.id),
+                  cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = m.id AND NOT audit),
                   finished_at = CASE WHEN m.status IN ('succeeded', 'failed') THEN now() END
 FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[]), CAST(:statuses AS text[]), CAST(:tiers AS int[]),
             CAST(:stages AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]),

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-__all__ = ["count_eval_batches", "escalation_stats", "escalation_stats_of", "record_eval_run"]
+__all__ = ["count_eval_batches", "escalation_stats", "escalation_stats_of", "record_eval_run", "routing_accuracy"]
 
 # A batch `cascade eval` submitted (its source says so from the start; eval_runs names it once it is done).
 _IS_EVAL = ("(b.source LIKE 'cascade eval %' OR EXISTS (SELECT 1 FROM eval_runs e WHERE e.batch_id = b.id))")
@@ -18,6 +18,13 @@ _IS_EVAL = ("(b.source LIKE 'cascade eval %' OR EXISTS (SELECT 1 FROM eval_runs 
 def escalation_stats(conn: Connection, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
     """Rows of the ``escalation_stats`` view (one per task type), by task type; only ``task_type``'s if given."""
     sql = "SELECT * FROM escalation_stats" + (" WHERE task_type = :t" if task_type else "") + " ORDER BY task_type"
+    return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
+
+
+def routing_accuracy(conn: Connection, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows
+    """Rows of the ``routing_accuracy`` view (per task type, tier and model), only ``task_type``'s if given."""
+    sql = ("SELECT * FROM routing_accuracy" + (" WHERE task_type = :t" if task_type else "")
+           + " ORDER BY task_type, tier, model")
     return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
 
 

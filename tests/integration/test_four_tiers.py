@@ -55,7 +55,7 @@ def test_jobs_escalate_to_a_fourth_tier_and_finish(env, sim, workers, sweeper, t
     settings = env.settings(config=path)
     # and two workers that consume every tier queue, including tier4 (and a sweeper that reads the config)
     queues = worker_queues(4)
-    assert queues == ["tier1", "tier2", "tier3", "tier4", "validate"]
+    assert queues == ["tier1", "tier2", "tier3", "tier4", "validate", "audit"]
     procs = [workers(queues=queues, concurrency=16) for _ in range(2)]
     sweeper(CASCADE_CONFIG=str(path))
     publisher = CeleryPublisher.connect(settings, settings.broker_url)
@@ -107,4 +107,4 @@ def test_a_producer_without_a_config_publishes_to_any_tier(env, tmp_path):
     finally:
         publisher.close()
     assert lengths == {**dict.fromkeys(worker_queues(3), 0), "tier5": 1, "tier6": BULK_MIN}
-    assert list(lengths) == ["tier1", "tier2", "tier3", "tier5", "tier6", "validate"]
+    assert list(lengths) == ["tier1", "tier2", "tier3", "tier5", "tier6", "validate", "audit"]

@@ -56,7 +56,7 @@ def test_a_duplicate_row_key_is_translated(env):
     with pytest.raises(DuplicateKey) as caught, env.engine.begin() as conn:
         store.insert_batch(conn, _batch("b1", None))
         # When its jobs are copied and the third repeats the first one's key
-        store.copy_jobs(conn, "b1", "classify", [("a", "{}"), ("b", "{}"), ("a", "{}")])
+        store.copy_jobs(conn, "b1", "classify", [("a", "{}", 1, None), ("b", "{}", 1, None), ("a", "{}", 1, None)])
     # Then the error names the key and the row (an InputError: the input is at fault)
     assert (caught.value.key, caught.value.row) == ("a", 3)
     assert isinstance(caught.value, InputError)
@@ -113,7 +113,7 @@ def test_an_answer_with_fewer_choices_than_n_covers_only_what_came_back(env):
     # Given a claimed job whose n=3 request came back with one choice (a backend that ignores n)
     with env.engine.begin() as conn:
         store.insert_batch(conn, _batch("b1", None))
-        store.copy_jobs(conn, "b1", "classify", [("k1", '{"id": 1, "text": "t"}')])
+        store.copy_jobs(conn, "b1", "classify", [("k1", '{"id": 1, "text": "t"}', 1, None)])
         job_id = conn.exec_driver_sql("SELECT id FROM jobs").scalar_one()
         (claim,) = store.claim(conn, [job_id], 1, store.Stage.CALL, 300)
         (attempt,) = store.start_attempts(conn, [store.NewAttempt(job_id, 1, "small", None, 0, 3)])

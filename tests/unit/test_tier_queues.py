@@ -43,9 +43,9 @@ def test_tier_count_is_the_longest_cascade_and_at_least_three(tier_counts, expec
 
 
 def test_queue_lists_follow_the_tier_count():
-    assert worker_queues() == ["tier1", "tier2", "tier3", "validate"]
-    assert worker_queues(4) == ["tier1", "tier2", "tier3", "tier4", "validate"]
-    assert all_queues(4) == ["tier1", "tier2", "tier3", "tier4", "validate", "sweep"]
+    assert worker_queues() == ["tier1", "tier2", "tier3", "validate", "audit"]
+    assert worker_queues(4) == ["tier1", "tier2", "tier3", "tier4", "validate", "audit"]
+    assert all_queues(4) == ["tier1", "tier2", "tier3", "tier4", "validate", "audit", "sweep"]
     assert [is_tier_queue(q) for q in ("tier1", "tier12", "tier0", "tier", "tier1x", "validate")] == [
         True, True, False, False, False, False]
 

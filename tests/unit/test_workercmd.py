@@ -13,7 +13,7 @@ from cascade.workercmd import worker_command
 def test_the_command_runs_celery_of_this_interpreter_on_the_queues_given():
     cmd = worker_command(worker_queues(4), 16, name="w@%h")
     assert cmd == [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "gevent", "-c", "16",
-                   "-Q", "tier1,tier2,tier3,tier4,validate", "-n", "w@%h", "--without-gossip", "--without-mingle",
+                   "-Q", "tier1,tier2,tier3,tier4,validate,audit", "-n", "w@%h", "--without-gossip", "--without-mingle",
                    "-l", "warning"]
 
 
