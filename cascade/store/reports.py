@@ -44,8 +44,9 @@ def escalation_stats_of(
     chosen = [cond for cond, wanted in where.items() if wanted]
     if not chosen:
         return escalation_stats(conn, task_type)
-    # Migration 0004 keeps the SELECT of 0002's view, which it must equal: the same numbers, filtered.
-    query: str = importlib.import_module("migrations.versions.0004_stats_summary").QUERY_0002
+    # Migration 0012 keeps the SELECT the view must equal (0002's, counted from each job's start tier): the same
+    # numbers, filtered.
+    query: str = importlib.import_module("migrations.versions.0012_start_tiers").QUERY
     end = ") a ON true\n)"
     if query.count(end) != 1:
         raise RuntimeError("the per_job CTE of migration 0002's escalation_stats is not where it was")

@@ -27,14 +27,19 @@ Functions pin ``search_path`` to the migration's (``SET search_path FROM CURRENT
 schema's tables whatever the caller's path; EXECUTE is revoked from PUBLIC. cascade_reader keeps SELECT
 on the view (which reads the new tables with its owner's rights) and gains nothing else.
 
+The SQL is built from a ``Summary`` (``SUMMARY``: what 0002 counts): a later migration that changes what the
+view counts builds its functions, attempts trigger and view from its own (as migration 0012 does).
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-23
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Alembic loads this file without registering it in sys.modules,
+# where dataclass cannot resolve annotations given as strings.
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from alembic import op
 
@@ -43,7 +48,8 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-__all__ = ["DOWNGRADE", "QUERY_0002", "UPGRADE", "downgrade", "upgrade"]
+__all__ = ["DOWNGRADE", "FINISHED", "QUERY_0002", "SUMMARY", "UPGRADE", "Summary", "attempts_update_trigger",
+           "downgrade", "functions", "upgrade", "view"]
 
 
 def _query_0002() -> str:
@@ -58,136 +64,203 @@ def _query_0002() -> str:
 #: what DOWNGRADE restores.
 QUERY_0002 = _query_0002()
 
-_FINISHED = "('succeeded', 'failed')"
-
-# Outcome rows of the finished jobs among {jobs} (columns id, task_type, batch_id, status, tier, cost_usd,
-# finished_at), with per_job's expressions from migration 0002.
-_OUTCOMES = """
-INSERT INTO job_outcomes AS o (job_id, task_type, status, tier, cost_usd, baseline_usd, latency_ms)
-SELECT j.id, j.task_type, j.status, j.tier, j.cost_usd,
-       (coalesce(a.in1, 0) * b.top_input_per_mtok + coalesce(a.out1, 0) * b.top_output_per_mtok) / 1000000,
-       extract(epoch FROM j.finished_at - a.first_at) * 1000
-FROM {jobs}
-JOIN batches b ON b.id = j.batch_id
-LEFT JOIN LATERAL (
-    SELECT sum(input_tokens) FILTER (WHERE tier = 1) AS in1,
-           sum(output_tokens) FILTER (WHERE tier = 1) AS out1,
-           min(created_at) AS first_at
-    FROM attempts WHERE job_id = j.id
-) a ON true
-WHERE j.status IN ('succeeded', 'failed')"""
+#: The statuses of a finished job, as an SQL list.
+FINISHED = "('succeeded', 'failed')"
 
 # The transaction lock on this backend's shard, taken before any of its summary rows: two transactions that
 # share a shard queue up instead of deadlocking over rows of several task types.
 _LOCK_SHARD = "PERFORM pg_advisory_xact_lock('escalation_summary'::regclass::oid::int, pg_backend_pid() % 64);"
 
-_COUNTERS = ("jobs", "finished", "succeeded", "failed", "escalated", "tier3", "latencies", "finished_cost",
-             "finished_baseline", "total_cost")
+# job_outcomes' columns after job_id (a job's share is read from them), and the jobs columns its outcome reads.
+_OUTCOME = ("task_type", "status", "tier", "cost_usd", "baseline_usd", "latency_ms")
+_READS = ("id", "task_type", "batch_id", "status", "tier", "cost_usd", "finished_at")
+
+_ATTEMPTS_WHEN = """(OLD.job_id IS DISTINCT FROM NEW.job_id OR OLD.created_at IS DISTINCT FROM NEW.created_at
+          OR ((OLD.tier = 1 OR NEW.tier = 1) AND (OLD.tier, OLD.input_tokens, OLD.output_tokens)
+              IS DISTINCT FROM (NEW.tier, NEW.input_tokens, NEW.output_tokens)))"""
 
 
-def _share(r: str) -> list[str]:
-    """One job's share of each counter (in _COUNTERS order) from ``r``: its job_outcomes row once it is
-    finished, its own columns with NULL baseline_usd and latency_ms before."""
-    done = f"{r}.status IN {_FINISHED}"
-    return ["1", f"({done})::int", f"({r}.status = 'succeeded')::int", f"({r}.status = 'failed')::int",
-            f"({done} AND {r}.tier > 1)::int", f"({done} AND {r}.tier >= 3)::int",
-            f"({done} AND {r}.latency_ms IS NOT NULL)::int", f"CASE WHEN {done} THEN {r}.cost_usd ELSE 0 END",
-            f"CASE WHEN {done} THEN {r}.baseline_usd ELSE 0 END", f"{r}.cost_usd"]
+def _share(r: str) -> dict[str, str]:
+    """One job's share of each counter, in escalation_summary's column order, from ``r``: its job_outcomes row
+    once it is finished, its own columns with NULL baseline_usd and latency_ms before."""
+    done = f"{r}.status IN {FINISHED}"
+    return {"jobs": "1", "finished": f"({done})::int", "succeeded": f"({r}.status = 'succeeded')::int",
+            "failed": f"({r}.status = 'failed')::int", "escalated": f"({done} AND {r}.tier > 1)::int",
+            "tier3": f"({done} AND {r}.tier >= 3)::int", "latencies": f"({done} AND {r}.latency_ms IS NOT NULL)::int",
+            "finished_cost": f"CASE WHEN {done} THEN {r}.cost_usd ELSE 0 END",
+            "finished_baseline": f"CASE WHEN {done} THEN {r}.baseline_usd ELSE 0 END", "total_cost": f"{r}.cost_usd"}
 
 
-def _add_shares(rows: str) -> str:
+@dataclass(frozen=True)
+class Summary:
+    """What the summary counts, as SQL; ``functions``, ``attempts_update_trigger`` and ``view`` build it.
+
+    SUMMARY is this migration's. A later migration that changes what escalation_stats counts adds its columns
+    to job_outcomes and escalation_summary, replaces the functions, the trigger and the view with those of its
+    own Summary, and goes back with SUMMARY's.
+    """
+
+    #: One job's share of each counter of escalation_summary from row ``r`` (as ``_share``).
+    share: Callable[[str], dict[str, str]] = _share
+    #: Columns of jobs that job_outcomes keeps after latency_ms, for ``share`` to read.
+    kept: tuple[str, ...] = ()
+    #: The tier whose requests' tokens, at the top tier's prices, are the baseline cost (an expression over jobs j).
+    baseline_tier: str = "1"
+    #: Which attempts count for the baseline and the first request (a condition on attempts; empty: all).
+    counted: str = ""
+    #: When an UPDATE of an attempt may change its job's outcome (WHEN of attempts_summary_update).
+    attempts_when: str = _ATTEMPTS_WHEN
+    #: escalation_stats' columns escalation_rate, tier2_rate, tier3_rate: (column, counter) shares of finished.
+    rates: tuple[tuple[str, str], ...] = (("escalation_rate", "escalated"), ("tier2_rate", "escalated"),
+                                          ("tier3_rate", "tier3"))
+    #: More such rates, appended after total_cost_usd.
+    appended: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        """escalation_summary's counters."""
+        return tuple(self.share("r"))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """job_outcomes' columns after job_id."""
+        return _OUTCOME + self.kept
+
+
+#: This migration's summary: what 0002's view counts.
+SUMMARY = Summary()
+
+_COUNTERS = SUMMARY.counters
+
+
+def _outcomes(d: Summary) -> str:
+    """Outcome rows of the finished jobs among {jobs} (jobs ``j`` with _READS and ``d.kept``), with per_job's
+    expressions from migration 0002 (those of ``d``'s baseline tier and counted attempts)."""
+    kept = "".join(f", {c}" for c in d.kept)
+    counted = f" AND {d.counted}" if d.counted else ""
+    return f"""
+INSERT INTO job_outcomes AS o (job_id, {", ".join(_OUTCOME)}{kept})
+SELECT j.id, j.task_type, j.status, j.tier, j.cost_usd,
+       (coalesce(a.in1, 0) * b.top_input_per_mtok + coalesce(a.out1, 0) * b.top_output_per_mtok) / 1000000,
+       extract(epoch FROM j.finished_at - a.first_at) * 1000{"".join(f", j.{c}" for c in d.kept)}
+FROM {{jobs}}
+JOIN batches b ON b.id = j.batch_id
+LEFT JOIN LATERAL (
+    SELECT sum(input_tokens) FILTER (WHERE tier = {d.baseline_tier}) AS in1,
+           sum(output_tokens) FILTER (WHERE tier = {d.baseline_tier}) AS out1,
+           min(created_at) AS first_at
+    FROM attempts WHERE job_id = j.id{counted}
+) a ON true
+WHERE j.status IN ('succeeded', 'failed')"""
+
+
+def _add_shares(d: Summary, rows: str) -> str:
     """An upsert adding job shares to this backend's shard, one row per task type. ``rows`` yields
-    (task_type, status, tier, cost_usd, baseline_usd, latency_ms, sign): a job's share as _share reads it,
-    and +1 to add it or -1 to take it out."""
-    return f"""INSERT INTO escalation_summary AS s (task_type, shard, {", ".join(_COUNTERS)})
-    SELECT r.task_type, pg_backend_pid() % 64, {", ".join(f"sum(r.sign * {e})" for e in _share("r"))}
-    FROM ({rows}) r(task_type, status, tier, cost_usd, baseline_usd, latency_ms, sign)
+    (``d.columns``, sign): a job's share as ``d.share`` reads it, and +1 to add it or -1 to take it out."""
+    return f"""INSERT INTO escalation_summary AS s (task_type, shard, {", ".join(d.counters)})
+    SELECT r.task_type, pg_backend_pid() % 64, {", ".join(f"sum(r.sign * {e})" for e in d.share("r").values())}
+    FROM ({rows}) r({", ".join(d.columns)}, sign)
     GROUP BY r.task_type
     ON CONFLICT (task_type, shard) DO UPDATE SET
-        {", ".join(f"{c} = s.{c} + EXCLUDED.{c}" for c in _COUNTERS)}"""
+        {", ".join(f"{c} = s.{c} + EXCLUDED.{c}" for c in d.counters)}"""
 
 
-def _shares(jobs: str, outcomes: str, sign: int) -> str:
+def _shares(d: Summary, jobs: str, outcomes: str, sign: int) -> str:
     """Rows for _add_shares: the unfinished jobs among ``jobs``, and ``outcomes``, the finished jobs' rows."""
-    return (f"SELECT task_type, status, tier, cost_usd, NULL::numeric, NULL::float8, {sign} FROM {jobs} "
-            f"WHERE status NOT IN {_FINISHED} UNION ALL "
-            f"SELECT task_type, status, tier, cost_usd, baseline_usd, latency_ms, {sign} FROM {outcomes}")
+    own = ", ".join({"baseline_usd": "NULL::numeric", "latency_ms": "NULL::float8"}.get(c, c) for c in d.columns)
+    return (f"SELECT {own}, {sign} FROM {jobs} "
+            f"WHERE status NOT IN {FINISHED} UNION ALL "
+            f"SELECT {', '.join(d.columns)}, {sign} FROM {outcomes}")
 
 
-def _replace(old: str, new: str) -> str:
+def _fields(r: str, columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{r}.{c}" for c in columns)
+
+
+def _unfinished(d: Summary, job: str) -> str:
+    """The job_outcomes row of an unfinished ``job`` for its share: its own columns, NULL baseline and latency."""
+    kept = "".join(f", {job}.{c}" for c in d.kept)
+    return f"ROW({job}.id, {job}.task_type, {job}.status, {job}.tier, {job}.cost_usd, NULL, NULL{kept})"
+
+
+def _replace(d: Summary, old: str, new: str) -> str:
     """PL/pgSQL replacing one job's share: ``old`` is the job as it was, ``new`` as it is (variables gone
     and born hold their shares)."""
-    values = f"{new}.id, {new}.task_type, {new}.batch_id, {new}.status, {new}.tier, {new}.cost_usd, {new}.finished_at"
-    this = f"(VALUES ({values})) j(id, task_type, batch_id, status, tier, cost_usd, finished_at)"
-    pair = ", ".join(f"({r}.task_type, {r}.status, {r}.tier, {r}.cost_usd, {r}.baseline_usd, {r}.latency_ms, {sign})"
-                     for r, sign in (("gone", -1), ("born", 1)))
+    reads = _READS + d.kept
+    values = ", ".join(f"{new}.{c}" for c in reads)
+    this = f"(VALUES ({values})) j({', '.join(reads)})"
+    pair = ", ".join(f"({_fields(r, d.columns)}, {sign})" for r, sign in (("gone", -1), ("born", 1)))
     return f"""
-    IF {old}.status IN {_FINISHED} THEN
+    IF {old}.status IN {FINISHED} THEN
         DELETE FROM job_outcomes WHERE job_id = {old}.id RETURNING * INTO gone;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'job_outcomes has no row for finished job %', {old}.id
                 USING HINT = 'jobs changed while these triggers were disabled: SELECT escalation_summary_rebuild()';
         END IF;
     ELSE
-        gone := ROW({old}.id, {old}.task_type, {old}.status, {old}.tier, {old}.cost_usd, NULL, NULL);
+        gone := {_unfinished(d, old)};
     END IF;
-    IF {new}.status IN {_FINISHED} THEN
-        {_OUTCOMES.format(jobs=this)}
+    IF {new}.status IN {FINISHED} THEN
+        {_outcomes(d).format(jobs=this)}
         RETURNING o.* INTO STRICT born;
     ELSE
-        born := ROW({new}.id, {new}.task_type, {new}.status, {new}.tier, {new}.cost_usd, NULL, NULL);
+        born := {_unfinished(d, new)};
     END IF;
     {_LOCK_SHARD}
-    {_add_shares(f"VALUES {pair}")};"""
+    {_add_shares(d, f"VALUES {pair}")};"""
 
 
 def _lock_jobs(ids: str) -> str:
     """PL/pgSQL locking the jobs ``id IN (ids)`` in id order, setting ``any_finished`` if any of them is."""
-    return f"""SELECT coalesce(bool_or(status IN {_FINISHED}), false) INTO any_finished
+    return f"""SELECT coalesce(bool_or(status IN {FINISHED}), false) INTO any_finished
     FROM (SELECT status FROM jobs WHERE id IN ({ids}) ORDER BY id FOR NO KEY UPDATE) j;"""
 
 
-_FUNCTIONS = f"""
-CREATE FUNCTION escalation_summary_rebuild() RETURNS void
+def functions(d: Summary, *, replace: bool = False) -> str:
+    """The summary's functions for ``d``: CREATE FUNCTION, or CREATE OR REPLACE (keeping grants) if ``replace``."""
+    create = "CREATE OR REPLACE FUNCTION" if replace else "CREATE FUNCTION"
+    changed = f"changed_attempts WHERE {d.counted}" if d.counted else "changed_attempts"
+    return f"""
+{create} escalation_summary_rebuild() RETURNS void
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     TRUNCATE job_outcomes, escalation_summary;
-    {_OUTCOMES.format(jobs="jobs j")};
+    {_outcomes(d).format(jobs="jobs j")};
     {_LOCK_SHARD}
-    {_add_shares(_shares("jobs", "job_outcomes", 1))};
+    {_add_shares(d, _shares(d, "jobs", "job_outcomes", 1))};
 END $$;
 
-CREATE FUNCTION escalation_summary_on_insert() RETURNS trigger
+{create} escalation_summary_on_insert() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     {_LOCK_SHARD}
-    WITH born AS ({_OUTCOMES.format(jobs="new_jobs j")} RETURNING o.*)
-    {_add_shares(_shares("new_jobs", "born", 1))};
+    WITH born AS ({_outcomes(d).format(jobs="new_jobs j")} RETURNING o.*)
+    {_add_shares(d, _shares(d, "new_jobs", "born", 1))};
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION escalation_summary_on_update() RETURNS trigger
+{create} escalation_summary_on_update() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     gone job_outcomes;
     born job_outcomes;
-BEGIN{_replace("OLD", "NEW")}
+BEGIN{_replace(d, "OLD", "NEW")}
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION escalation_summary_on_delete() RETURNS trigger
+{create} escalation_summary_on_delete() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     {_LOCK_SHARD}
     WITH gone AS (
-        DELETE FROM job_outcomes WHERE job_id = ANY (ARRAY(SELECT id FROM old_jobs WHERE status IN {_FINISHED}))
+        DELETE FROM job_outcomes WHERE job_id = ANY (ARRAY(SELECT id FROM old_jobs WHERE status IN {FINISHED}))
         RETURNING *
     )
-    {_add_shares(_shares("old_jobs", "gone", -1))};
+    {_add_shares(d, _shares(d, "old_jobs", "gone", -1))};
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION escalation_summary_on_truncate() RETURNS trigger
+{create} escalation_summary_on_truncate() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     PERFORM escalation_summary_rebuild();
@@ -197,7 +270,7 @@ END $$;
 -- Recomputes the finished jobs among p_ids. Each job's row is locked first, in id order: a job's own
 -- UPDATE holds that lock while its trigger reads the job's attempts and batch, so of a change to those
 -- and the job's UPDATE, the second to get the lock sees what the first wrote.
-CREATE FUNCTION escalation_summary_refresh(p_ids bigint[]) RETURNS void
+{create} escalation_summary_refresh(p_ids bigint[]) RETURNS void
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     job jobs;
@@ -205,26 +278,26 @@ DECLARE
     born job_outcomes;
 BEGIN
     FOR job IN SELECT * FROM jobs WHERE id = ANY (p_ids) ORDER BY id FOR NO KEY UPDATE LOOP
-        IF job.status IN {_FINISHED} THEN{_replace("job", "job")}
+        IF job.status IN {FINISHED} THEN{_replace(d, "job", "job")}
         END IF;
     END LOOP;
 END $$;
 
 -- Attempts inserted or deleted (transition table changed_attempts): lock their jobs as refresh does, and
 -- refresh only if one of them is finished (a running job's attempts are read when it finishes).
-CREATE FUNCTION escalation_summary_on_attempts() RETURNS trigger
+{create} escalation_summary_on_attempts() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     any_finished boolean;
 BEGIN
-    {_lock_jobs("SELECT job_id FROM changed_attempts")}
+    {_lock_jobs(f"SELECT job_id FROM {changed}")}
     IF any_finished THEN
-        PERFORM escalation_summary_refresh(ARRAY(SELECT DISTINCT job_id FROM changed_attempts));
+        PERFORM escalation_summary_refresh(ARRAY(SELECT DISTINCT job_id FROM {changed}));
     END IF;
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION escalation_summary_on_attempt_update() RETURNS trigger
+{create} escalation_summary_on_attempt_update() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     any_finished boolean;
@@ -236,7 +309,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE FUNCTION escalation_summary_on_prices() RETURNS trigger
+{create} escalation_summary_on_prices() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     PERFORM escalation_summary_refresh(ARRAY(SELECT id FROM jobs WHERE batch_id = NEW.id));
@@ -244,13 +317,78 @@ BEGIN
 END $$;
 """
 
+
+def attempts_update_trigger(d: Summary, *, replace: bool = False) -> str:
+    """The attempts UPDATE trigger for ``d``: CREATE TRIGGER, or CREATE OR REPLACE if ``replace``."""
+    create = "CREATE OR REPLACE TRIGGER" if replace else "CREATE TRIGGER"
+    return f"""{create} attempts_summary_update AFTER UPDATE ON attempts FOR EACH ROW
+    WHEN {d.attempts_when}
+    EXECUTE FUNCTION escalation_summary_on_attempt_update();"""
+
+
+def _rate(column: str, counter: str) -> str:
+    return f"r.{counter}::numeric / nullif(r.finished, 0) AS {column}"
+
+
+def view(d: Summary) -> str:
+    """escalation_stats over the summary of ``d``: CREATE OR REPLACE VIEW (it may add columns at the end)."""
+    more = ", ".join(f"sum({c}) AS {c}" for c in d.counters if c not in _COUNTERS)
+    sums = f",\n           {more}" if more else ""
+    rates = "".join(f"\n       {_rate(column, counter)}," for column, counter in d.rates)
+    appended = "".join(f",\n       {_rate(column, counter)}" for column, counter in d.appended)
+    return f"""
+CREATE OR REPLACE VIEW escalation_stats AS
+WITH s AS (
+    SELECT task_type, sum(jobs)::bigint AS jobs, sum(finished)::bigint AS finished,
+           sum(succeeded)::bigint AS succeeded, sum(failed)::bigint AS failed, sum(escalated) AS escalated,
+           sum(tier3) AS tier3, sum(latencies)::bigint AS latencies, sum(finished_cost) AS finished_cost,
+           sum(finished_baseline) AS finished_baseline, sum(total_cost) AS total_cost{sums}
+    FROM escalation_summary
+    GROUP BY task_type
+    HAVING sum(jobs) > 0
+), r AS (
+    -- avg() and sum() over the jobs would give the largest scale of the baselines still there; the shard
+    -- sums keep the scale of every baseline ever added, so round to that (exact: no digit is dropped).
+    -- percentile_cont(f) interpolates the values at ranks k = floor(f * (n - 1)) and k + 1 (0-based), in
+    -- float8 exactly as percentile_cont computes it.
+    SELECT s.*, round(s.finished_baseline, (SELECT max(scale(o.baseline_usd)) FROM job_outcomes o
+                                            WHERE o.task_type = s.task_type)) AS baseline,
+           floor(0.5::float8 * (latencies - 1))::bigint AS k50, 0.5::float8 * (latencies - 1) AS x50,
+           floor(0.95::float8 * (latencies - 1))::bigint AS k95, 0.95::float8 * (latencies - 1) AS x95
+    FROM s
+)
+SELECT r.task_type, r.jobs, r.finished, r.succeeded, r.failed,{rates}
+       r.finished_cost / nullif(r.finished, 0) AS avg_cost_usd,
+       r.baseline / nullif(r.finished, 0) AS baseline_cost_usd,
+       100 * (1 - r.finished_cost / nullif(r.baseline, 0)) AS savings_pct,
+       p50.lo + (r.x50 - r.k50) * (p50.hi - p50.lo) AS p50_latency_ms,
+       p95.lo + (r.x95 - r.k95) * (p95.hi - p95.lo) AS p95_latency_ms,
+       r.total_cost AS total_cost_usd{appended}
+FROM r
+LEFT JOIN LATERAL (  -- ranks k50, k50 + 1 from the low end
+    SELECT min(latency_ms) AS lo, max(latency_ms) AS hi FROM (
+        SELECT latency_ms FROM job_outcomes o
+        WHERE o.task_type = r.task_type AND o.latency_ms IS NOT NULL
+        ORDER BY o.latency_ms OFFSET greatest(r.k50, 0) LIMIT 2) x
+) p50 ON r.latencies > 0
+LEFT JOIN LATERAL (  -- ranks k95 + 1, k95 from the high end (5 % of the index)
+    SELECT min(latency_ms) AS lo, max(latency_ms) AS hi FROM (
+        SELECT latency_ms FROM job_outcomes o
+        WHERE o.task_type = r.task_type AND o.latency_ms IS NOT NULL
+        ORDER BY o.latency_ms DESC OFFSET greatest(r.latencies - r.k95 - 2, 0) LIMIT 2) x
+) p95 ON r.latencies > 0;
+"""
+
+
+_FUNCTIONS = functions(SUMMARY)
+
 _FUNCTION_SIGNATURES = (
     "escalation_summary_rebuild()", "escalation_summary_refresh(bigint[])", "escalation_summary_on_insert()",
     "escalation_summary_on_update()", "escalation_summary_on_delete()", "escalation_summary_on_truncate()",
     "escalation_summary_on_attempts()", "escalation_summary_on_attempt_update()", "escalation_summary_on_prices()",
 )
 
-_TRIGGERS = """
+_TRIGGERS = f"""
 CREATE TRIGGER jobs_summary_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION escalation_summary_on_insert();
 -- A claim, and an escalation or a deferral that leaves the cost as it was, do not fire it (WHEN is
@@ -268,11 +406,7 @@ CREATE TRIGGER attempts_summary_insert AFTER INSERT ON attempts REFERENCING NEW 
     FOR EACH STATEMENT EXECUTE FUNCTION escalation_summary_on_attempts();
 -- Only what 0002 reads: tier-1 tokens, the first request's time, the job. Ending a request above tier 1
 -- or marking requests interrupted does not fire it.
-CREATE TRIGGER attempts_summary_update AFTER UPDATE ON attempts FOR EACH ROW
-    WHEN (OLD.job_id IS DISTINCT FROM NEW.job_id OR OLD.created_at IS DISTINCT FROM NEW.created_at
-          OR ((OLD.tier = 1 OR NEW.tier = 1) AND (OLD.tier, OLD.input_tokens, OLD.output_tokens)
-              IS DISTINCT FROM (NEW.tier, NEW.input_tokens, NEW.output_tokens)))
-    EXECUTE FUNCTION escalation_summary_on_attempt_update();
+{attempts_update_trigger(SUMMARY)}
 -- Rows cascaded from a deleted job find no job to lock: the jobs DELETE trigger takes its share out.
 CREATE TRIGGER attempts_summary_delete AFTER DELETE ON attempts REFERENCING OLD TABLE AS changed_attempts
     FOR EACH STATEMENT EXECUTE FUNCTION escalation_summary_on_attempts();
@@ -285,51 +419,7 @@ CREATE TRIGGER batches_summary_prices AFTER UPDATE ON batches FOR EACH ROW
     EXECUTE FUNCTION escalation_summary_on_prices();
 """
 
-_VIEW = """
-CREATE OR REPLACE VIEW escalation_stats AS
-WITH s AS (
-    SELECT task_type, sum(jobs)::bigint AS jobs, sum(finished)::bigint AS finished,
-           sum(succeeded)::bigint AS succeeded, sum(failed)::bigint AS failed, sum(escalated) AS escalated,
-           sum(tier3) AS tier3, sum(latencies)::bigint AS latencies, sum(finished_cost) AS finished_cost,
-           sum(finished_baseline) AS finished_baseline, sum(total_cost) AS total_cost
-    FROM escalation_summary
-    GROUP BY task_type
-    HAVING sum(jobs) > 0
-), r AS (
-    -- avg() and sum() over the jobs would give the largest scale of the baselines still there; the shard
-    -- sums keep the scale of every baseline ever added, so round to that (exact: no digit is dropped).
-    -- percentile_cont(f) interpolates the values at ranks k = floor(f * (n - 1)) and k + 1 (0-based), in
-    -- float8 exactly as percentile_cont computes it.
-    SELECT s.*, round(s.finished_baseline, (SELECT max(scale(o.baseline_usd)) FROM job_outcomes o
-                                            WHERE o.task_type = s.task_type)) AS baseline,
-           floor(0.5::float8 * (latencies - 1))::bigint AS k50, 0.5::float8 * (latencies - 1) AS x50,
-           floor(0.95::float8 * (latencies - 1))::bigint AS k95, 0.95::float8 * (latencies - 1) AS x95
-    FROM s
-)
-SELECT r.task_type, r.jobs, r.finished, r.succeeded, r.failed,
-       r.escalated::numeric / nullif(r.finished, 0) AS escalation_rate,
-       r.escalated::numeric / nullif(r.finished, 0) AS tier2_rate,
-       r.tier3::numeric / nullif(r.finished, 0) AS tier3_rate,
-       r.finished_cost / nullif(r.finished, 0) AS avg_cost_usd,
-       r.baseline / nullif(r.finished, 0) AS baseline_cost_usd,
-       100 * (1 - r.finished_cost / nullif(r.baseline, 0)) AS savings_pct,
-       p50.lo + (r.x50 - r.k50) * (p50.hi - p50.lo) AS p50_latency_ms,
-       p95.lo + (r.x95 - r.k95) * (p95.hi - p95.lo) AS p95_latency_ms,
-       r.total_cost AS total_cost_usd
-FROM r
-LEFT JOIN LATERAL (  -- ranks k50, k50 + 1 from the low end
-    SELECT min(latency_ms) AS lo, max(latency_ms) AS hi FROM (
-        SELECT latency_ms FROM job_outcomes o
-        WHERE o.task_type = r.task_type AND o.latency_ms IS NOT NULL
-        ORDER BY o.latency_ms OFFSET greatest(r.k50, 0) LIMIT 2) x
-) p50 ON r.latencies > 0
-LEFT JOIN LATERAL (  -- ranks k95 + 1, k95 from the high end (5 % of the index)
-    SELECT min(latency_ms) AS lo, max(latency_ms) AS hi FROM (
-        SELECT latency_ms FROM job_outcomes o
-        WHERE o.task_type = r.task_type AND o.latency_ms IS NOT NULL
-        ORDER BY o.latency_ms DESC OFFSET greatest(r.latencies - r.k95 - 2, 0) LIMIT 2) x
-) p95 ON r.latencies > 0;
-"""
+_VIEW = view(SUMMARY)
 
 UPGRADE = f"""
 -- Writers wait until the summary is built and the triggers are in place, so no change slips between.

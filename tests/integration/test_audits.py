@@ -10,11 +10,14 @@ from decimal import Decimal
 import pytest
 import yaml
 
+from cascade import store
 from cascade.client import Client
 from cascade.config import parse_config, render
 from cascade.publish import CeleryPublisher
 from cascade.routing import audited
 from cascade.sim import SimConfig, SimModel
+from cascade.store import Stage
+from cascade.sweeper import sweep
 from tests.conftest import wait_for
 from tests.integration.test_cli import _cli
 
@@ -149,3 +152,27 @@ def test_the_audit_rate_picks_a_stable_share_and_budgets_count_audits(env, sim, 
     spent, reserved = env.rows("SELECT spent_usd, reserved_usd FROM batches WHERE id = :b", b=batch)[0]
     assert reserved == 0
     assert spent == env.scalar("SELECT sum(cost_usd) FROM attempts") > env.scalar("SELECT sum(cost_usd) FROM jobs")
+
+
+def test_lost_and_abandoned_audits_come_back(env, sim, run):
+    # Given a batch run in this process whose audit messages were all lost
+    server = sim(SimConfig(seed=5, unknown_models="default"))
+    r = run(parse_config(_config(server.url), "test.yaml"))
+    batch = r.submit(_rows("label", 12, bad=0))
+    r.drive(batch)
+    audit_ids = [i for i, _, stage in r.publisher.due if stage is Stage.AUDIT]
+    assert len(audit_ids) == 12
+    r.publisher.due = []
+    # And one of them claimed by a worker that died before its requests came back
+    with env.engine.begin() as conn:
+        [held] = store.claim_audits(conn, audit_ids[:1], 300, "dead-worker")
+        store.start_attempts(conn, [store.NewAttempt(held.job_id, 0, "auditor", None, 0, 3, audit=True)])
+
+    # When the sweeper runs (nothing published lately, no message queued; the dead worker has no heartbeat)
+    sweep(env.engine, r.publisher, stalled_after_s=0, dead_after_s=15)
+    # Then every audit is published again, and once run each is done with one answer per sample
+    assert {i for i, _, _ in r.publisher.due} == set(audit_ids)
+    r.drive(batch)
+    assert env.rows("SELECT status, agreed, count(*) FROM audits GROUP BY 1, 2") == [("done", True, 12)]
+    assert env.scalar("SELECT count(*) FROM attempts WHERE audit AND error IS NULL") == 12
+    assert env.scalar("SELECT count(*) FROM attempts WHERE audit AND error = 'interrupted'") == 1

@@ -14,8 +14,8 @@ from cascade.sim import SimConfig, SimModel
 from cascade.store.cache import Fill, Wanted, claim_keys, fill_keys
 from tests.integration import scenario
 from tests.integration.audit import audit as _audit
+from tests.integration.inprocess import Run
 from tests.integration.test_cli import _cli, _config_file
-from tests.integration.test_gateways import Run
 
 pytestmark = pytest.mark.integration
 

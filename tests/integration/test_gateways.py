@@ -11,23 +11,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from cascade.client import Client
 from cascade.config import parse_config, render
 from cascade.providers import ProviderPool
-from cascade.publish import messages
 from cascade.sim import SimConfig, SimModel, SimPrice
-from cascade.stages import StageContext, run_calls, run_validates
 from cascade.store import Stage
-from cascade.sweeper import sweep
 from tests.conftest import ROOT
 from tests.integration import scenario
-from tests.integration.audit import Recorder, audit
+from tests.integration.audit import audit
 
 pytestmark = pytest.mark.integration
 
@@ -41,51 +36,6 @@ def config(sim_url: str, *, task: dict[str, Any] | None = None, **model: Any):  
         m.update(model)
     data["task_types"][0].update(task or {})
     return parse_config(data, "gateway.yaml")
-
-
-class Run:
-    """A batch, and the stages run on its messages in this process until nothing is left to do."""
-
-    def __init__(self, env, cfg, *, max_inline_wait_s: float = 1.0) -> None:
-        self.env, self.config, self.publisher = env, cfg, Recorder()
-        self.settings = env.settings(max_inline_wait_s=max_inline_wait_s)
-        self.providers = ProviderPool()
-        self.client = Client(self.settings, engine=env.engine, config=cfg, publisher=self.publisher)
-        self.ctx = StageContext(env.engine, self.publisher, self.providers, self.settings)
-
-    def submit(self, rows: list[dict[str, Any]], task: str = "label") -> str:
-        return self.client.submit(task, rows, key_field="id").batch_id
-
-    def drive(self, batch: str, timeout: float = 60) -> None:
-        """Run every published message (and the sweeper's, for deferred jobs) until the batch is done or halted."""
-        deadline = time.monotonic() + timeout
-        while True:
-            due, self.publisher.due = self.publisher.due, []
-            for ids, tier, stage in messages(due, self.settings.jobs_per_message):
-                (run_calls if stage is Stage.CALL else run_validates)(self.ctx, ids, tier)
-            state = self.client.status(batch)
-            if state.is_done or state.halted:
-                return
-            if not due:
-                assert time.monotonic() < deadline, state
-                time.sleep(0.05)
-                sweep(self.env.engine, self.publisher, stalled_after_s=3600)
-
-    def close(self) -> None:
-        self.providers.close()
-
-
-@pytest.fixture
-def run(env):
-    runs: list[Run] = []
-
-    def make(cfg, **kw: Any) -> Run:
-        runs.append(Run(env, cfg, **kw))
-        return runs[-1]
-
-    yield make
-    for r in runs:
-        r.close()
 
 
 # --- n: a backend that answers one choice, or refuses n ------------------------------------------------

@@ -73,6 +73,11 @@ def test_the_learned_start_tier_skips_a_failing_tier_and_comes_back_when_it_reco
         k: (1, EXPLORE) if k in exploring else (2, LEARNED) for k in second}
     assert all(j[2:4] == (2, "succeeded") for j in second.values())
     assert _avg_cost(second) < _avg_cost(first)
+    # And escalation_stats counts the skipped jobs, and no escalation for those that ended where they started
+    finished = len(first) + len(second)
+    stats = client.stats("label")[0]
+    assert float(stats["escalation_rate"]) == pytest.approx((len(first) + len(exploring)) / finished)
+    assert float(stats["skipped_rate"]) == pytest.approx((len(second) - len(exploring)) / finished)
 
     # When tier 1 recovers and batches go on, its explore jobs pass again
     server.reconfigure(SimConfig(seed=2))

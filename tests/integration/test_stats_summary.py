@@ -2,6 +2,8 @@
 
 Every comparison runs 0002's query and the view in one statement (one snapshot) and compares Postgres' text
 of each row, so a different numeric scale or the last bit of a float8 percentile counts as a difference.
+Every job here starts at tier 1, where 0002's columns still mean what they meant (migration 0012 counts from
+the start tier, and appends columns: those are tests/integration/test_start_tier_stats.py's).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ pytestmark = pytest.mark.integration
 
 QUERY_0002 = importlib.import_module("migrations.versions.0004_stats_summary").QUERY_0002
 
+#: escalation_stats' columns as 0002 defines them; later migrations append more.
+COLUMNS_0002 = ("task_type, jobs, finished, succeeded, failed, escalation_rate, tier2_rate, tier3_rate, avg_cost_usd, "
+                "baseline_cost_usd, savings_pct, p50_latency_ms, p95_latency_ms, total_cost_usd")
+
 #: The task types where escalation_stats and 0002's query disagree, with both rows as text.
 DIFFERENCES = f"""
-SELECT coalesce(o.task_type, n.task_type) AS task_type, o::text AS old, n::text AS new
+SELECT coalesce(o.task_type, n.task_type) AS task_type, o::text AS old, n.row AS new
 FROM ({QUERY_0002}) o
-FULL JOIN escalation_stats n ON n.task_type = o.task_type
-WHERE o::text IS DISTINCT FROM n::text
+FULL JOIN (SELECT task_type, ROW({COLUMNS_0002})::text AS row FROM escalation_stats) n ON n.task_type = o.task_type
+WHERE o::text IS DISTINCT FROM n.row
 ORDER BY 1
 """
 
@@ -71,7 +77,7 @@ def _execute(env, *statements: str) -> None:
 
 
 def _view(env) -> list[str]:
-    return [r for (r,) in env.rows("SELECT n::text FROM escalation_stats n ORDER BY task_type")]
+    return [r for (r,) in env.rows(f"SELECT ROW({COLUMNS_0002})::text FROM escalation_stats ORDER BY task_type")]
 
 
 def test_comparison_detects_a_broken_summary(env):
@@ -172,7 +178,7 @@ def test_view_equals_0002_through_a_real_workload(env, sim, workers):
     assert _differences(env) == []
     assert [r.split(",")[0] for r in _view(env)] == ["(summary"]
     # And after a TRUNCATE, a new batch is counted from zero
-    _execute(env, "TRUNCATE jobs, attempts, validations, eval_results")
+    _execute(env, "TRUNCATE jobs, attempts, validations, eval_results CASCADE")
     assert _view(env) == []
     again = client.submit("summary", scenario.rows(10, "summary"), key_field="id").batch_id
     assert client.wait(again, timeout=60, poll_s=0.1, on_progress=compare).is_done
