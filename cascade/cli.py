@@ -207,6 +207,13 @@ def _print_status(state: BatchStatus) -> None:
         hits, misses, saved = state.cache
         out.print(f"cache: {hits} of {hits + misses} answered requests were hits, saving {money(saved)}",
                   markup=False, highlight=False)
+    if state.starts is not None:
+        parts = [f"{n} at tier {tier} ({route})" for tier, route, n in state.starts]
+        out.print(f"started: {', '.join(parts)}", markup=False, highlight=False, soft_wrap=True)
+    if state.audits is not None:
+        waiting, agreed, disagreed, cost = state.audits
+        out.print(f"audits: {agreed} agreed, {disagreed} disagreed, {waiting} waiting; cost {money(cost)} (not in "
+                  "the jobs' cost)", markup=False, highlight=False, soft_wrap=True)
     if state.halted:
         err.print(f"[red]halted:[/red] {escape(state.halted)}\nfix it, then: cascade retry {state.batch_id}",
                   soft_wrap=True)

@@ -45,6 +45,10 @@ class BatchStatus:
     cache: tuple[int, int, Decimal] | None = None
     #: (cap, spent, reserved) of a batch submitted with a cap (``max_cost``); None without one
     budget: tuple[Decimal, Decimal, Decimal] | None = None
+    #: (start tier, what chose it, jobs) when some job did not start at tier 1 by default; None when not read
+    starts: list[tuple[int, str, int]] | None = None
+    #: (waiting or running, agreed, disagreed, cost) of the batch's quality audits; None when not read or none
+    audits: tuple[int, int, int, Decimal] | None = None
 
     @property
     def finished(self) -> int:
@@ -63,7 +67,12 @@ class BatchStatus:
                                                           "saved_usd": str(self.cache[2])},
                 "budget": None if self.budget is None else {
                     "cap_usd": str(self.budget[0]), "spent_usd": str(self.budget[1]),
-                    "reserved_usd": str(self.budget[2]), "left_usd": str(self.budget[0] - sum(self.budget[1:]))}}
+                    "reserved_usd": str(self.budget[2]), "left_usd": str(self.budget[0] - sum(self.budget[1:]))},
+                "starts": None if self.starts is None else [
+                    {"start_tier": tier, "route": route, "jobs": n} for tier, route, n in self.starts],
+                "audits": None if self.audits is None else {
+                    "waiting": self.audits[0], "agreed": self.audits[1], "disagreed": self.audits[2],
+                    "cost_usd": str(self.audits[3])}}
 
 
 def parse_cap(value: Decimal | float | str | None, flag: str = "max_cost") -> Decimal | None:
@@ -180,6 +189,8 @@ class Client:
             snap = TaskSnapshot.model_validate(store.batch_config(conn, batch_id)) if notes else None
             cap = snap.max_cost_usd if snap is not None else None
             budget = (cap, *store.batch_budget(conn, batch_id)) if cap is not None else None
+            starts = store.batch_starts(conn, batch_id) if notes else None
+            audits = store.batch_audits(conn, batch_id) if snap is not None and snap.task_type.audit else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
         if snap is not None:
@@ -191,8 +202,10 @@ class Client:
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
         task_type, size, halted = batch
+        if starts is not None and all(route == "default" for _, route, _ in starts):
+            starts = None  # every job started at tier 1: nothing to say
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
-                           cache, budget)
+                           cache, budget, starts, audits)
 
     def _models_down(self, names: list[str]) -> list[str]:
         """Notes on the models ``names`` that are down now (their circuit breakers, ``cascade.health``)."""

@@ -23,9 +23,11 @@ from cascade.store.jobs import Stage
 __all__ = [
     "JobResult",
     "NewBatch",
+    "batch_audits",
     "batch_by_key",
     "batch_config",
     "batch_rows",
+    "batch_starts",
     "copy_jobs",
     "count_finished",
     "count_jobs",
@@ -192,6 +194,31 @@ def batch_cache_use(conn: Connection, batch_id: str) -> tuple[int, int, Decimal]
     cost of the hits."""
     row = conn.execute(_CACHE_USE, {"b": batch_id}).one()
     return int(row.hits), int(row.misses), Decimal(row.saved_usd)
+
+
+_STARTS = text("""
+SELECT start_tier, coalesce(route, 'default') AS route, count(*) FROM jobs WHERE batch_id = :b
+GROUP BY 1, 2 ORDER BY 1, 2
+""")
+
+
+def batch_starts(conn: Connection, batch_id: str) -> list[tuple[int, str, int]]:
+    """(start tier, what chose it, jobs) of the batch's jobs (``route`` NULL reads ``default``)."""
+    return [(int(tier), str(route), int(n)) for tier, route, n in conn.execute(_STARTS, {"b": batch_id})]
+
+
+_AUDITS = text("""
+SELECT count(*) FILTER (WHERE a.status IN ('queued', 'running')) AS pending,
+       count(*) FILTER (WHERE a.agreed) AS agreed, count(*) FILTER (WHERE NOT a.agreed) AS disagreed,
+       coalesce(sum(a.cost_usd), 0) AS cost_usd
+FROM audits a JOIN jobs j ON j.id = a.job_id WHERE j.batch_id = :b
+""")
+
+
+def batch_audits(conn: Connection, batch_id: str) -> tuple[int, int, int, Decimal]:
+    """The batch's audits: (waiting or running, agreed, disagreed, their cost)."""
+    row = conn.execute(_AUDITS, {"b": batch_id}).one()
+    return int(row.pending), int(row.agreed), int(row.disagreed), Decimal(row.cost_usd)
 
 
 def resume_batch(conn: Connection, batch_id: str) -> list[tuple[int, int, Stage]] | None:

@@ -115,6 +115,10 @@ def test_audits_catch_a_confidently_wrong_model_and_count_it_exactly(env, sim, w
     assert env.scalar("SELECT sum(cost_usd) FROM jobs") == env.scalar(
         "SELECT sum(cost_usd) FROM attempts WHERE NOT audit")
 
+    # And the batch's status says how its audits went
+    status = _cli(env, path, "status", batch)
+    assert f"audits: {len(clean_pass)} agreed, {len(bad)} disagreed, 0 waiting" in status.stdout, status.stdout
+
     # When the drift alarm runs with a minimum of 0.9
     report = _cli(env, path, "audit", "report", "--task-type", "label", "--min-agreement", "0.9")
     # Then it exits 1 naming the tier

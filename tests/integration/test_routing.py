@@ -103,11 +103,14 @@ def test_route_rules_pick_the_start_tier_from_the_row(env, sim, workers):
     rows = [*_rows("short", 4, priority="low"), *_rows("vip", 3, priority="high"),
             {"id": "long-vip", "text": "x" * 50, "priority": "urgent"}]
     # When the batch runs
-    jobs = _jobs(env, _run(client, rows))
+    batch = _run(client, rows)
+    jobs = _jobs(env, batch)
     # Then each row started where its first matching rule says, and the rule is recorded
     assert {k: j[:3] for k, j in jobs.items()} == {
         **{f"short-{i}": (1, None, 1) for i in range(4)}, **{f"vip-{i}": (3, "vip", 3) for i in range(3)},
         "long-vip": (2, "route[0]", 2)}
+    # And the batch's status counts where its jobs started
+    assert client.status(batch, notes=True).starts == [(1, "default", 4), (2, "route[0]", 1), (3, "vip", 3)]
     # And a job that starts at tier 3 made no request below it
     assert env.scalar("SELECT count(*) FROM attempts a JOIN jobs j ON j.id = a.job_id "
                       "WHERE a.tier < j.start_tier") == 0
