@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 
 from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
-from cascade.errors import ProviderError, ProviderRateLimited
+from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, after_request_error, is_retryable
 from cascade.providers import Completion
 from cascade.ratelimit import pause_s
@@ -44,6 +44,9 @@ from cascade.validate import answer_key
 __all__ = ["run_audits"]
 
 log = logging.getLogger(__name__)
+
+#: an audit whose request failed unexpectedly waits this long in Postgres before it is tried again
+CRASH_DELAY_S = 30.0
 
 
 @dataclass
@@ -173,9 +176,9 @@ def _send_all(ctx: StageContext, audits: list[_Audit]) -> None:
         try:
             _send(ctx, audit, request, attempt_id, bound, sent)
         except Exception:
-            log.exception("audit %s: request from sample %s failed unexpectedly; the audit is sent again",
-                          audit.held.id, request.sample)
-            sent.again = True
+            log.exception("audit %s: request from sample %s failed unexpectedly; the audit is tried again in %s s",
+                          audit.held.id, request.sample, CRASH_DELAY_S)
+            sent.defer_s = CRASH_DELAY_S
         return sent
 
     work = [(a, r, attempt_id, bound) for a in audits for r, attempt_id, bound in a.pending]
@@ -198,6 +201,10 @@ def _send(ctx: StageContext, audit: _Audit, request: Request, attempt_id: int, b
         started = time.monotonic()
         try:
             done = send(ctx, audit.snap, tier, request)
+        except ConfigError as exc:  # the auditor cannot be called from this worker (its API key is unset)
+            sent.rows.append(_not_sent(attempt_id, "config", str(exc)[:500]) | audit.budget_keys(bound))
+            sent.failed = str(exc)[:300]
+            return
         except ProviderError as exc:
             sent.rows.append(failed_row(attempt_id, exc, int((time.monotonic() - started) * 1000))
                              | audit.budget_keys(bound))

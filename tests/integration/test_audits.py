@@ -180,3 +180,21 @@ def test_lost_and_abandoned_audits_come_back(env, sim, run):
     assert env.rows("SELECT status, agreed, count(*) FROM audits GROUP BY 1, 2") == [("done", True, 12)]
     assert env.scalar("SELECT count(*) FROM attempts WHERE audit AND error IS NULL") == 12
     assert env.scalar("SELECT count(*) FROM attempts WHERE audit AND error = 'interrupted'") == 1
+
+
+def test_an_auditor_that_cannot_be_called_ends_its_audits_without_a_verdict(env, sim, run):
+    # Given an audit model whose API key variable is not set in this worker
+    server = sim(SimConfig(seed=5, unknown_models="default"))
+    config = _config(server.url)
+    config["models"][2]["api_key_env"] = "CASCADE_TEST_UNSET_AUDITOR_KEY"
+    r = run(parse_config(config, "test.yaml"))
+    # When a batch runs and its audits are worked
+    batch = r.submit(_rows("label", 4, bad=0))
+    r.drive(batch)
+    r.drive(batch)
+    # Then the jobs succeed, and each audit is done without a verdict, saying why, having cost nothing
+    assert {row["status"] for row in r.client.results(batch)} == {"succeeded"}
+    audits = env.rows("SELECT status, agreed, detail, cost_usd FROM audits")
+    assert len(audits) == 4
+    assert all(a.status == "done" and a.agreed is None and "CASCADE_TEST_UNSET_AUDITOR_KEY" in a.detail
+               and a.cost_usd == 0 for a in audits)
