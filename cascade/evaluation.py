@@ -9,18 +9,25 @@ equals ``gold`` on the voted fields; a failed job is wrong), escalation and tier
 batch through the same pipeline (not an estimate from recorded usage). Runs and per-row outcomes are
 written to ``eval_runs`` and ``eval_results``.
 
+With a target (``calibration.Target``), each calibration half gets two choices: the cheapest threshold run
+reaching the target there, and the cheapest per-tier combination, searched from the votes the tier-alone
+runs recorded in Postgres (``calibration.choose_per_tier``). The chosen combination then runs as one more
+batch through the same pipeline, which confirms (or not) the prediction row by row.
+
 Identical tier-alone runs of several task types (same tier, same checks) share one batch. The edge
-(``cli_eval.open_pipeline``) builds the ``Pipeline``: services, the replay sim and a worker.
+(``cli_eval.open_pipeline``) builds the ``Pipeline``: services, the replay sim and a worker. Scoring and
+choosing are pure, in ``cascade.calibration``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from subprocess import Popen
@@ -28,12 +35,23 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine
 
-from cascade import producer, store
+from cascade import calibration, producer, store
+from cascade.calibration import (
+    Metrics,
+    RowOutcome,
+    Target,
+    TargetChoice,
+    TierVote,
+    choose_threshold,
+    is_calibration,
+    is_correct,
+    measure,
+)
 from cascade.config import CascadeSettings, TaskSnapshot, TierConfig, render
 from cascade.errors import CascadeError, InputError
 from cascade.publish import Publisher
 from cascade.sim import Recording
-from cascade.validate import canonicalize
+from cascade.stages.validate import judge
 
 __all__ = [
     "Metrics",
@@ -41,6 +59,7 @@ __all__ = [
     "RowOutcome",
     "RunPlan",
     "RunReport",
+    "Target",
     "TargetChoice",
     "TaskReport",
     "check_recordings",
@@ -49,10 +68,12 @@ __all__ = [
     "is_calibration",
     "is_correct",
     "measure",
+    "per_tier_plan",
     "plan_runs",
     "point_at",
     "tier_alone",
     "with_threshold",
+    "with_thresholds",
 ]
 
 RunKind = Literal["threshold", "tier"]
@@ -63,7 +84,11 @@ RunKind = Literal["threshold", "tier"]
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run of a task type: a threshold over the cascade, or one tier alone."""
+    """One run of a task type: a threshold over the cascade, a threshold per tier, or one tier alone.
+
+    A per-tier run (``per_tier``: tier i's threshold at i-1) is of kind ``threshold`` with tier 1's threshold
+    as ``threshold``, the one number ``eval_runs.threshold`` holds.
+    """
 
     task_type: str
     label: str
@@ -72,19 +97,35 @@ class RunPlan:
     tier: int | None  # tier-alone runs: which tier
     snapshot: TaskSnapshot
     is_top: bool = False  # the top tier alone: the cost baseline of its task type's runs
+    per_tier: tuple[Decimal, ...] | None = None
+    cascade: TaskSnapshot | None = None  # the task type as configured (a per-tier search starts from it)
 
 
-def with_threshold(snap: TaskSnapshot, threshold: Decimal) -> TaskSnapshot:
-    """The snapshot with ``min_agreement`` = ``threshold`` on every tier but the last."""
+def with_thresholds(snap: TaskSnapshot, thresholds: Sequence[Decimal]) -> TaskSnapshot:
+    """The snapshot with ``min_agreement`` = ``thresholds[i-1]`` on tier i, for every tier but the last."""
     task = snap.task_type
+    if len(thresholds) != len(task.tiers) - 1:
+        raise ValueError(f"{len(task.tiers)} tiers take {len(task.tiers) - 1} thresholds, got {len(thresholds)}")
     tiers: list[str | TierConfig] = []
-    for i, spec in enumerate(task.tiers, start=1):
-        if i == len(task.tiers):
+    for spec, threshold in zip(task.tiers, [*thresholds, None], strict=True):
+        if threshold is None:
             tiers.append(spec)
             continue
         over = TierConfig(model=spec) if isinstance(spec, str) else spec
         tiers.append(over.model_copy(update={"min_agreement": threshold}))
     return snap.model_copy(update={"task_type": task.model_copy(update={"tiers": tiers})})
+
+
+def with_threshold(snap: TaskSnapshot, threshold: Decimal) -> TaskSnapshot:
+    """The snapshot with ``min_agreement`` = ``threshold`` on every tier but the last."""
+    return with_thresholds(snap, [threshold] * (snap.tier_count - 1))
+
+
+def per_tier_plan(snap: TaskSnapshot, thresholds: Sequence[Decimal]) -> RunPlan:
+    """The run of ``snap`` (as configured) with one threshold per tier but the last."""
+    label = "per tier τ=(" + ", ".join(map(str, thresholds)) + ")"
+    return RunPlan(snap.task_type.name, label, "threshold", thresholds[0] if thresholds else None, None,
+                   with_thresholds(snap, thresholds), per_tier=tuple(thresholds), cascade=snap)
 
 
 def tier_alone(snap: TaskSnapshot, index: int) -> TaskSnapshot:
@@ -98,11 +139,11 @@ def tier_alone(snap: TaskSnapshot, index: int) -> TaskSnapshot:
 def plan_runs(snap: TaskSnapshot, thresholds: Sequence[Decimal]) -> list[RunPlan]:
     """One run per threshold, then one per tier alone (the last of which is the top tier alone)."""
     name = snap.task_type.name
-    runs = [RunPlan(name, f"τ={t}", "threshold", t, None, with_threshold(snap, t)) for t in thresholds]
+    runs = [RunPlan(name, f"τ={t}", "threshold", t, None, with_threshold(snap, t), cascade=snap) for t in thresholds]
     for i in range(1, snap.tier_count + 1):
         model = snap.tier(i).model.name
         label = f"top tier alone ({model})" if i == snap.tier_count else f"tier {i} alone ({model})"
-        runs.append(RunPlan(name, label, "tier", None, i, tier_alone(snap, i), i == snap.tier_count))
+        runs.append(RunPlan(name, label, "tier", None, i, tier_alone(snap, i), i == snap.tier_count, cascade=snap))
     return runs
 
 
@@ -155,100 +196,6 @@ def check_recordings(snap: TaskSnapshot, recordings: Sequence[Recording], source
                                      f"found {have}", source=source, line=line, field="responses")
 
 
-# --- scoring (pure) -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RowOutcome:
-    """What one row's job ended with."""
-
-    row_id: str
-    job_id: int
-    status: str
-    tier: int
-    correct: bool
-    cost_usd: Decimal
-    output: Any  # Any: the parsed output stored on the job
-
-
-@dataclass(frozen=True)
-class Metrics:
-    rows: int
-    correct: int
-    accuracy: float
-    escalation_rate: float
-    tier3_rate: float
-    cost_usd: Decimal
-    relative_cost: float | None  # cost / the top tier alone's cost on the same rows
-
-    def to_json(self) -> dict[str, Any]:  # Any: JSON
-        return {"rows": self.rows, "correct": self.correct, "accuracy": self.accuracy,
-                "escalation_rate": self.escalation_rate, "tier3_rate": self.tier3_rate,
-                "cost_usd": str(self.cost_usd), "relative_cost": self.relative_cost}
-
-
-def is_correct(status: str, output: Any, gold: Any, fields: Sequence[str] | None) -> bool:  # Any: JSON values
-    """A succeeded job whose output equals ``gold`` on the voted fields (canonical forms, so 18 == 18.0)."""
-    if status != "succeeded" or output is None:
-        return False
-    try:
-        return canonicalize(output, fields) == canonicalize(gold, fields)
-    except TypeError:
-        return False
-
-
-def measure(outcomes: Sequence[RowOutcome], baseline: Sequence[RowOutcome] | None = None) -> Metrics:
-    """Metrics of ``outcomes``; relative cost against the ``baseline`` outcomes of the same rows."""
-    n = len(outcomes)
-    cost = sum((o.cost_usd for o in outcomes), Decimal(0))
-    relative = None
-    if baseline is not None:
-        ids = {o.row_id for o in outcomes}
-        base = sum((o.cost_usd for o in baseline if o.row_id in ids), Decimal(0))
-        relative = float(cost / base) if base else None
-    correct = sum(o.correct for o in outcomes)
-    return Metrics(n, correct, correct / n if n else 0.0, sum(o.tier > 1 for o in outcomes) / n if n else 0.0,
-                   sum(o.tier >= 3 for o in outcomes) / n if n else 0.0, cost, relative)
-
-
-def is_calibration(row_id: str) -> bool:
-    """The deterministic half of the rows ``--target-accuracy`` calibrates on (by hashed id)."""
-    return hashlib.sha256(row_id.encode()).digest()[0] % 2 == 0
-
-
-@dataclass(frozen=True)
-class TargetChoice:
-    """The cheapest threshold reaching ``target`` on the calibration half, measured on the other half."""
-
-    target: float
-    threshold: Decimal | None  # None: no threshold reached the target on the calibration half
-    calibration: Metrics | None
-    holdout: Metrics | None
-    holdout_top: Metrics  # the top tier alone on the held-out half
-
-    def to_json(self) -> dict[str, Any]:  # Any: JSON
-        return {"target_accuracy": self.target, "threshold": None if self.threshold is None else str(self.threshold),
-                "calibration": self.calibration.to_json() if self.calibration else None,
-                "holdout": self.holdout.to_json() if self.holdout else None,
-                "holdout_top_tier_alone": self.holdout_top.to_json()}
-
-
-def choose_threshold(runs: Sequence[tuple[Decimal, Sequence[RowOutcome]]], top: Sequence[RowOutcome],
-                     target: float) -> TargetChoice:
-    """Pick the threshold run with the lowest calibration cost (then the lowest threshold) whose calibration
-    accuracy reaches ``target``, and report it on the held-out rows."""
-    def half(outcomes: Sequence[RowOutcome], calibration: bool) -> list[RowOutcome]:
-        return [o for o in outcomes if is_calibration(o.row_id) == calibration]
-
-    holdout_top = measure(half(top, False), top)
-    scored = [(measure(half(o, True), top), t, o) for t, o in runs]
-    good = [s for s in scored if s[0].rows and s[0].accuracy >= target]
-    if not good:
-        return TargetChoice(target, None, None, None, holdout_top)
-    calib, threshold, outcomes = min(good, key=lambda s: (s[0].cost_usd, s[1]))
-    return TargetChoice(target, threshold, calib, measure(half(outcomes, False), top), holdout_top)
-
-
 @dataclass(frozen=True)
 class RunReport:
     plan: RunPlan
@@ -258,9 +205,11 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:  # Any: JSON
         plan = self.plan
+        per_tier = None if plan.per_tier is None else [str(t) for t in plan.per_tier]
         return {"label": plan.label, "kind": plan.kind, "threshold": None if plan.threshold is None
-                else str(plan.threshold), "tier": plan.tier, "model": plan.snapshot.tier(1).model.name
-                if plan.kind == "tier" else None, "batch_id": self.batch_id, **self.metrics.to_json()}
+                else str(plan.threshold), "thresholds": per_tier, "tier": plan.tier,
+                "model": plan.snapshot.tier(1).model.name if plan.kind == "tier" else None,
+                "batch_id": self.batch_id, **self.metrics.to_json()}
 
 
 @dataclass(frozen=True)
@@ -271,18 +220,24 @@ class TaskReport:
     dataset: str
     eval_id: str
     runs: list[RunReport]
-    target: TargetChoice | None = None
+    targets: list[TargetChoice] = field(default_factory=list)  # one per calibration half
 
     @property
     def top(self) -> RunReport:
         return next(r for r in self.runs if r.plan.is_top)
+
+    @property
+    def target(self) -> TargetChoice | None:
+        """The choice calibrated on the first half asked for (``cascade eval``: half A)."""
+        return self.targets[0] if self.targets else None
 
     def to_json(self) -> dict[str, Any]:  # Any: JSON
         return {"task_type": self.task_type, "dataset": self.dataset, "eval_id": self.eval_id,
                 "rows": self.top.metrics.rows,
                 "baseline": f"{self.top.plan.label}: its own batch through the pipeline on the same rows",
                 "runs": [r.to_json() for r in self.runs],
-                "target": self.target.to_json() if self.target else None}
+                "target": self.target.to_json() if self.target else None,
+                "targets": [t.to_json() for t in self.targets]}
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -379,44 +334,146 @@ def evaluate(
     recordings: Sequence[Recording],
     *,
     dataset: str,
-    target_accuracy: float | None = None,
+    targets: Mapping[str, Target] | None = None,
     timeout: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[TaskReport] | None:
     """Submit every run at once through ``pipe``, wait, score and record them; one report per task type.
 
     ``plans`` come from ``plan_runs`` (a caller may leave runs out, but not a task type's top tier alone,
-    its cost baseline). Returns None when ``timeout`` passed before every job finished (nothing is
-    recorded then).
+    its cost baseline). ``targets`` (by task type) adds the choices of ``TaskReport.targets``, one per
+    calibration half of the target; the per-tier combinations chosen then run as one more round of batches
+    (a combination equal to a threshold run reuses its batch). Returns None when ``timeout`` passed before
+    every job finished (nothing is recorded then).
 
     Raises:
         InputError: the recordings cannot answer a run (``check_recordings``).
-        ValueError: a task type has no top-tier-alone run.
+        ValueError: a task type has no top-tier-alone run, or one with a target lacks a tier alone.
+        ConfigError: a per-tier search would be too large (``calibration.search_grids``).
         CascadeError: the worker we started died.
     """
-    tasks = list(dict.fromkeys(p.task_type for p in plans))
-    tops = {p.task_type: p for p in plans if p.is_top}
-    if missing := [t for t in tasks if t not in tops]:
-        raise ValueError(f"no top-tier-alone run for {', '.join(missing)}")
+    targets = targets or {}
+    grids = _check_plans(plans, targets)
     for snap in {_dedupe_key(p.snapshot): p.snapshot for p in plans}.values():
         check_recordings(snap, recordings, dataset)
+    deadline = None if timeout is None else time.monotonic() + timeout
     submitted: dict[str, str] = {}
     batches = [_submit(pipe, plan, recordings, dataset, submitted) for plan in plans]
-    if not wait(pipe, batches, timeout=timeout, on_progress=on_progress):
+    if not wait(pipe, batches, timeout=_left(deadline), on_progress=on_progress):
         return None
     outcomes = {b: _outcomes(pipe, b, p.snapshot, recordings) for p, b in zip(plans, batches, strict=True)}
-    golds = {rec.id: rec.gold for rec in recordings}
-    dataset_hash = hashlib.sha256("\n".join(r.model_dump_json() for r in recordings).encode()).hexdigest()[:16]
     eval_id, reports = uuid.uuid4().hex, []
-    for task in tasks:
+    for task in dict.fromkeys(p.task_type for p in plans):
         mine = [(p, b) for p, b in zip(plans, batches, strict=True) if p.task_type == task]
         top = next(outcomes[b] for p, b in mine if p.is_top)
         runs = [RunReport(p, b, measure(outcomes[b], top), outcomes[b]) for p, b in mine]
-        target = None
-        if target_accuracy is not None:
-            pairs = [(p.threshold, outcomes[b]) for p, b in mine if p.threshold is not None]
-            target = choose_threshold(pairs, top, target_accuracy)
-        report = TaskReport(task, dataset, eval_id, runs, target)
+        choices = [] if task not in targets else _choose(pipe, mine, outcomes, targets[task], grids[task], recordings)
+        reports.append(TaskReport(task, dataset, eval_id, runs, choices))
+    if not _confirm(pipe, reports, recordings, dataset, deadline, on_progress):
+        return None
+    golds = {rec.id: rec.gold for rec in recordings}
+    dataset_hash = hashlib.sha256("\n".join(r.model_dump_json() for r in recordings).encode()).hexdigest()[:16]
+    for report in reports:
         _record(pipe.engine, report, dataset_hash, golds)
-        reports.append(report)
     return reports
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _check_plans(plans: Sequence[RunPlan], targets: Mapping[str, Target]) -> dict[str, tuple[tuple[Decimal, ...], ...]]:
+    """Raise ValueError for a task type without its top tier alone, or with a target but not every tier alone
+    or its configured snapshot; return the per-tier search grids of the task types with a target."""
+    tasks = list(dict.fromkeys(p.task_type for p in plans))
+    if missing := [t for t in tasks if not any(p.is_top for p in plans if p.task_type == t)]:
+        raise ValueError(f"no top-tier-alone run for {', '.join(missing)}")
+    grids = {}
+    for task in tasks:
+        if task not in targets:
+            continue
+        mine = [p for p in plans if p.task_type == task]
+        snap = next((p.cascade for p in mine if p.cascade is not None), None)
+        if snap is None:
+            raise ValueError(f"{task}: a target needs the task type's snapshot (RunPlan.cascade)")
+        alone = {p.tier for p in mine if p.kind == "tier"}
+        if lacking := [i for i in range(1, snap.tier_count + 1) if i not in alone]:
+            raise ValueError(f"{task}: a target needs every tier alone; no run of tier {lacking[0]} alone")
+        grids[task] = calibration.search_grids(snap, targets[task].grid)
+    return grids
+
+
+def _choose(pipe: Pipeline, mine: Sequence[tuple[RunPlan, str]], outcomes: Mapping[str, list[RowOutcome]],
+            target: Target, grids: Sequence[Sequence[Decimal]], recordings: Sequence[Recording]) -> list[TargetChoice]:
+    """For each calibration half of ``target``: the single-threshold choice and the per-tier one."""
+    snap = next(p.cascade for p, _ in mine if p.cascade is not None)
+    assert snap is not None
+    top = next(outcomes[b] for p, b in mine if p.is_top)
+    alone = {p.tier: (p, b) for p, b in mine if p.kind == "tier"}
+    votes = [_tier_votes(pipe, *alone[i], outcomes[alone[i][1]], top, recordings) for i in range(1, snap.tier_count)]
+    pairs = [(p.threshold, outcomes[b]) for p, b in mine if p.threshold is not None and p.per_tier is None]
+    out = []
+    for half in target.halves:
+        goal = target.on(measure(calibration.in_half(top, half), top))
+        single = choose_threshold(pairs, top, goal, half, target.relative)
+        if snap.tier_count > 1:  # one tier has no threshold to choose
+            single = dataclasses.replace(single, per_tier=calibration.choose_per_tier(snap, votes, top, grids, goal,
+                                                                                      half))
+        out.append(single)
+    return out
+
+
+def _tier_votes(pipe: Pipeline, plan: RunPlan, batch_id: str, outcomes: Sequence[RowOutcome],
+                top: Sequence[RowOutcome], recordings: Sequence[Recording]) -> list[TierVote]:
+    """What the tier-alone run recorded for each row, in ``top``'s row order: the majority's votes and k
+    (``validations``), its answer and the cost. A job that failed its vote (``on_exhausted: fail``) keeps no
+    output, so its majority answer is voted again from its recorded samples (``attempts``)."""
+    snap = plan.snapshot
+    with pipe.engine.connect() as conn:
+        recorded = store.batch_votes(conn, batch_id, 1)  # a tier-alone run is a one-tier cascade
+        lost = [o.job_id for o in outcomes if o.output is None and recorded.get(o.job_id, (0, 0))[0] > 0]
+        answers = store.answers_many(conn, lost, 1) if lost else {}
+    golds = {rec.id: rec.gold for rec in recordings}
+    fields = snap.task_type.self_consistency.fields
+    by_row = {}
+    for o in outcomes:
+        votes, samples = recorded.get(o.job_id, (0, snap.tier(1).samples))
+        output = o.output
+        if o.job_id in answers:
+            got = answers[o.job_id]
+            output = judge(snap, 1, got.contents, got.truncated, got.refused).result
+        right = votes > 0 and is_correct("succeeded", output, golds[o.row_id], fields)
+        by_row[o.row_id] = TierVote(votes, samples, right, o.cost_usd, output)
+    return [by_row[o.row_id] for o in top]
+
+
+def _confirm(pipe: Pipeline, reports: Sequence[TaskReport], recordings: Sequence[Recording], dataset: str,
+             deadline: float | None, on_progress: Callable[[int, int], None] | None) -> bool:
+    """Run each chosen per-tier combination as a batch (one per distinct combination; a threshold run with
+    the same snapshot is reused), then put its numbers in the choices and its run in the report. False:
+    the deadline passed first."""
+    wanted: list[tuple[TaskReport, int, RunPlan]] = []  # (report, index of the choice, the run confirming it)
+    for report in reports:
+        snap = next((r.plan.cascade for r in report.runs if r.plan.cascade is not None), None)
+        for k, choice in enumerate(report.targets):
+            if snap is not None and choice.per_tier is not None and choice.per_tier.thresholds is not None:
+                wanted.append((report, k, per_tier_plan(snap, choice.per_tier.thresholds)))
+    runs = {(r.task_type, run.plan.snapshot.config_hash()): run for r in reports for run in r.runs
+            if run.plan.kind == "threshold"}
+    new: dict[tuple[str, str], tuple[TaskReport, RunPlan]] = {}
+    for report, _, plan in wanted:
+        if (key := (report.task_type, plan.snapshot.config_hash())) not in runs:
+            new.setdefault(key, (report, plan))
+    batches = {key: _submit(pipe, plan, recordings, dataset, {}) for key, (_, plan) in new.items()}
+    if batches and not wait(pipe, list(batches.values()), timeout=_left(deadline), on_progress=on_progress):
+        return False
+    for key, (report, plan) in new.items():
+        got = _outcomes(pipe, batches[key], plan.snapshot, recordings)
+        runs[key] = RunReport(plan, batches[key], measure(got, report.top.outcomes), got)
+        report.runs.append(runs[key])
+    for report, k, plan in wanted:
+        choice, run = report.targets[k], runs[(report.task_type, plan.snapshot.config_hash())]
+        assert choice.per_tier is not None
+        report.targets[k] = dataclasses.replace(choice, per_tier=calibration.confirm(
+            choice.per_tier, run.batch_id, run.outcomes, report.top.outcomes, choice.half))
+    return True

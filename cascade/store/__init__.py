@@ -77,6 +77,7 @@ from cascade.store.budget import (
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
 from cascade.store.reports import (
+    batch_votes,
     count_eval_batches,
     escalation_stats,
     escalation_stats_of,
@@ -120,6 +121,7 @@ __all__ = [
     "batch_config",
     "batch_rows",
     "batch_starts",
+    "batch_votes",
     "budget_used",
     "claim",
     "claim_audits",

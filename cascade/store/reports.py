@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-__all__ = ["count_eval_batches", "escalation_stats", "escalation_stats_of", "record_eval_run", "routing_accuracy"]
+__all__ = ["batch_votes", "count_eval_batches", "escalation_stats", "escalation_stats_of", "record_eval_run",
+           "routing_accuracy"]
 
 # A batch `cascade eval` submitted (its source says so from the start; eval_runs names it once it is done).
 _IS_EVAL = ("(b.source LIKE 'cascade eval %' OR EXISTS (SELECT 1 FROM eval_runs e WHERE e.batch_id = b.id))")
@@ -19,6 +20,15 @@ def escalation_stats(conn: Connection, task_type: str | None = None) -> list[dic
     """Rows of the ``escalation_stats`` view (one per task type), by task type; only ``task_type``'s if given."""
     sql = "SELECT * FROM escalation_stats" + (" WHERE task_type = :t" if task_type else "") + " ORDER BY task_type"
     return [dict(r._mapping) for r in conn.execute(text(sql), {"t": task_type})]
+
+
+_VOTES = text("SELECT v.job_id, v.votes, v.samples FROM validations v JOIN jobs j ON j.id = v.job_id "
+              "WHERE j.batch_id = :b AND v.tier = :tier")
+
+
+def batch_votes(conn: Connection, batch_id: str, tier: int) -> dict[int, tuple[int, int]]:
+    """Per job of a batch: the votes of its majority answer at ``tier`` and the samples voted (k)."""
+    return {int(job): (int(votes), int(k)) for job, votes, k in conn.execute(_VOTES, {"b": batch_id, "tier": tier})}
 
 
 def routing_accuracy(conn: Connection, task_type: str | None = None) -> list[dict[str, Any]]:  # Any: view rows

@@ -179,3 +179,67 @@ def test_prompt_variants_are_voted_together_from_their_own_recorded_samples(env,
         ("cot", 0, 2, 50, 10), ("pot", 2, 2, 70, 14)]
     assert env.scalar("SELECT votes FROM validations v JOIN jobs j ON j.id = v.job_id WHERE j.batch_id = :b",
                       b=run.batch_id) == 4
+
+
+# A medium tier between small and large for the per-tier search: three samples per row, 0.80 a call
+# (100 × 0.005 + 3 × 10 × 0.01). Votes per row (gold as in ROWS):
+#   small   r1 3 right, r2 2 right, r3 2 wrong, r4 1 right, r5 2 right, r6 1 right, r7 3 wrong, r8 none valid
+#   medium  r1 3 right, r2 3 right, r3 2 right, r4 2 right, r5 3 right, r6 1 right, r7 2 right, r8 3 right
+#   large   right on every row but r6 (not JSON: the job fails) and r7
+MEDIUM = {"r1": ["A", "A", "A"], "r2": ["A", "A", "A"], "r3": ["A", "A", "B"], "r4": ["A", "A", "C"],
+          "r5": [18, 18, 18], "r6": ["A", "B", "C"], "r7": ["B", "B", "A"], "r8": ["B", "B", "B"]}
+
+
+def write_three_tiers(tmp_path: Path) -> tuple[Path, Path]:
+    data = write_dataset(tmp_path / "qa3.jsonl")
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for line in lines:
+        line["responses"]["medium"] = {"prompt_tokens": 100, "samples": [
+            {"content": content(v), "completion_tokens": 10} for v in MEDIUM[line["id"]]]}
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    medium = {"name": "medium", "base_url": "http://replay.invalid/v1", "model": "m",
+              "price": {"input_per_mtok": 5000, "output_per_mtok": 10000}}
+    task = {**TASK, "tiers": ["small", "medium", {"model": "large", "samples": 1}]}
+    config = tmp_path / "cascade3.yaml"
+    config.write_text(yaml.safe_dump({"models": [*MODELS, medium], "task_types": [task]}))
+    return data, config
+
+
+def test_a_target_picks_thresholds_per_tier_confirms_them_and_prints_the_config_patch(env, workers, tmp_path):
+    # Given three tiers, and no --thresholds: the single thresholds are 0.4, 0.6 and 0.8, and each tier is searched
+    # on its vote levels 0.33, 0.66 and 1.0 (1, 2 or 3 votes of 3)
+    data, config = write_three_tiers(tmp_path)
+    workers(concurrency=32)
+    args = ["eval", "qa", str(data), "--no-start-worker", "--config", str(config), "--timeout", "60",
+            "--data-dir", str(tmp_path / "data")]
+    # When the target is 95 % of the top tier alone's accuracy on half A (rows r1 r3 r4 r5; large gets all 4)
+    result = CliRunner().invoke(cli(), [*args, "--target-relative", "0.95"], env=env.environ(COLUMNS="300"))
+    # Then, by hand on half A, with costs small 0.16, medium 0.80, large 2.40 a row:
+    #   τ1=0.33: every row passes small, r3 wrong: 3/4 for 0.64
+    #   τ1=0.66: r4 (1 vote) goes on and passes medium (τ2 0.33 or 0.66, 3/4 for 1.44) or large (τ2 1.0, 3/4, 3.84)
+    #   τ1=1.0:  r3 r4 r5 go to medium: 4/4 for 3.04 (τ2 0.33 or 0.66), or r3 r4 on to large: 4/4 for 7.84
+    # so (1.0, 0.33) is chosen (the lower of two equals); the single thresholds are (0.66, 0.66) twice and
+    # (1.0, 1.0), which is chosen (τ=0.8, 7.84). On half B it predicts 3/4 right for 3.04: r2 r8 right at
+    # medium, r6 right at medium with 1 vote of 3 (medium alone failed it, so its answer is voted again from
+    # the recorded samples), r7 accepted wrong at small; the confirming batch gives that on every row
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "target 0.95 × the top tier alone's accuracy on half A (1.000) = 0.9500" in out
+    assert "per tier, predicted │ 1.0, 0.33 │ 1.000 │ 3.040000 │ 0.750 │ 3.040000 │ 0.317" in out
+    assert "its batch matches the prediction on all 8 rows" in out
+    assert "single threshold │ 0.8 │ 1.000 │ 7.840000 │ 0.500 │ 5.440000 │ 0.567" in out
+    assert ("tiers: - {model: small, min_agreement: 1.0} - {model: medium, min_agreement: 0.33} "
+            "- {model: large, samples: 1}") in out
+    # And the confirming batch is a run in Postgres, labelled with its thresholds: 7 rows right (all but r7), 6 of
+    # them answered at medium
+    assert env.rows("SELECT threshold, correct, cost_usd FROM eval_runs WHERE label = 'per tier τ=(1.0, 0.33)'") == [
+        (Decimal("1.0"), 7, 8 * Decimal("0.16") + 6 * Decimal("0.8"))]
+
+    # When the target cannot be reached, searching 0.6 and 1.0 on each tier
+    result = CliRunner().invoke(cli(), [*args, "--thresholds", "0.6,1.0", "--target-accuracy", "1.01", "--json"],
+                                env=env.environ())
+    # Then no combination is chosen and the exit code is 1
+    assert result.exit_code == 1, result.output
+    (report,) = json.loads(result.stdout)
+    assert report["target"]["threshold"] is None and report["target"]["per_tier"]["thresholds"] is None
+    assert report["target"]["per_tier"]["combinations"] == 4

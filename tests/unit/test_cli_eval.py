@@ -50,6 +50,9 @@ def _report(tmp_path: Path) -> evaluation.TaskReport:
 
     runs = [run("τ=0.6", "threshold", None, "0.2", 0.8), run("s alone", "tier", 1, "0.05", 0.5),
             run("m alone", "tier", 2, "0.1", 0.7), run("l alone", "tier", 3, "1", 0.9)]
+    per_tier = evaluation.per_tier_plan(snap, [Decimal("0.8"), Decimal("0.5")])
+    runs.append(evaluation.RunReport(per_tier, "c", evaluation.Metrics(40, 33, 0.825, 0.3, 0.1, Decimal("0.3"), None),
+                                     []))
     return evaluation.TaskReport("qa", str(tmp_path / "date.jsonl"), "e", runs)
 
 
@@ -64,3 +67,6 @@ def test_the_plot_has_a_title_and_a_marker_per_tier(tmp_path: Path):
     markers = {label: handle.get_marker() for handle, label in zip(handles, labels, strict=True)}
     tiers = [markers[f"qa: {n} alone"] for n in ("s", "m", "l")]
     assert len(set(tiers)) == 3 and tiers[2] == "*"
+    # And a per-tier run is a point of its own, not on the line of the single thresholds
+    assert markers["qa: per tier τ=(0.8, 0.5)"] not in {*tiers, "o"}
+    assert len(ax.lines[0].get_xdata()) == 1

@@ -20,10 +20,12 @@ from cascade.evaluation import (
     is_calibration,
     is_correct,
     measure,
+    per_tier_plan,
     plan_runs,
     point_at,
     tier_alone,
     with_threshold,
+    with_thresholds,
 )
 from cascade.sim import Recording, SimServer
 from cascade.validate import vote
@@ -61,6 +63,23 @@ def test_threshold_applies_to_every_tier_but_the_last() -> None:
     assert [run.tier(i).min_agreement for i in (1, 2, 3)] == [Decimal("0.8"), Decimal("0.8"), Decimal("0.7")]
     assert [run.tier(i).samples for i in (1, 2, 3)] == [3, 5, 3]
     assert run.config_hash() != snap.config_hash()
+
+
+def test_thresholds_per_tier_and_their_run() -> None:
+    # Given a three-tier task
+    snap = snapshot()
+    # When tiers 1 and 2 get thresholds of their own
+    run = per_tier_plan(snap, [Decimal("0.33"), Decimal("0.8")])
+    # Then each votes at its own, the last is untouched, and the run is a threshold run labelled with both
+    assert [run.snapshot.tier(i).min_agreement for i in (1, 2, 3)] == [Decimal("0.33"), Decimal("0.8"),
+                                                                      Decimal("0.5")]
+    assert (run.label, run.kind, run.threshold, run.per_tier) == (
+        "per tier τ=(0.33, 0.8)", "threshold", Decimal("0.33"), (Decimal("0.33"), Decimal("0.8")))
+    # And equal thresholds are the single-threshold run's snapshot
+    same = with_thresholds(snap, [Decimal("0.6")] * 2)
+    assert same.config_hash() == with_threshold(snap, Decimal("0.6")).config_hash()
+    with pytest.raises(ValueError, match="3 tiers take 2 thresholds, got 1"):
+        with_thresholds(snap, [Decimal("0.6")])
 
 
 def test_tier_alone_is_a_one_tier_cascade() -> None:
