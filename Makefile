@@ -31,9 +31,14 @@ lint: $(STAMP)
 mypy: $(STAMP)
 	$(BIN)/mypy cascade
 
+# The RabbitMQ variants of the reliability tests run when CASCADE_TEST_AMQP_URL is set, or a RabbitMQ answers on
+# 127.0.0.1:5672 (guest); otherwise they are skipped, the reason shown in the summary (-rs).
+AMQP_PROBE = $(shell $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 5672), 1)" 2>/dev/null \
+	&& echo amqp://guest:guest@127.0.0.1:5672//)
+
 # Lint, types and the whole suite (unit + integration on embedded or given services).
 test: lint mypy
-	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
+	CASCADE_TEST_AMQP_URL="$${CASCADE_TEST_AMQP_URL:-$(AMQP_PROBE)}" $(BIN)/python -m pytest -n 2 -p no:cacheprovider -rs
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -p no:cacheprovider

@@ -209,9 +209,10 @@ class Client:
 
     def _models_down(self, names: list[str]) -> list[str]:
         """Notes on the models ``names`` that are down now (their circuit breakers, ``cascade.health``)."""
-        if not self.settings.broker_url or not names:
+        url = self.settings.shared_redis_url
+        if not url or not names:
             return []
-        health = RedisHealth.from_broker(self.settings.broker_url, key_prefix=self.settings.key_prefix)
+        health = RedisHealth.from_broker(url, key_prefix=self.settings.key_prefix)
         try:
             states = health.peek(names)
         finally:

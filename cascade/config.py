@@ -40,6 +40,7 @@ __all__ = [
     "TaskType",
     "TierConfig",
     "Variant",
+    "is_redis_url",
     "load_config",
     "load_settings",
     "render",
@@ -511,6 +512,13 @@ class CascadeSettings(BaseSettings):
     # Postgres schema holding cascade's tables (search_path); None means the server's default.
     db_schema: str | None = None
     broker_url: str | None = None
+    # The Redis holding what every worker shares besides messages: rate-limit buckets and model health
+    # (cascade.ratelimit, cascade.health). None: the broker's, when the broker is Redis; with a RabbitMQ broker
+    # set it, or models with rate limits cannot be called and circuit breakers are off.
+    redis_url: str | None = None
+    # RabbitMQ only: the type of the queues cascade declares. auto: quorum on RabbitMQ 3.8 and later (replicated,
+    # durable), classic before. A queue keeps its type: to switch an existing deployment, delete its queues.
+    amqp_queue_type: Literal["auto", "quorum", "classic"] = "auto"
     config: Path = Path("cascade.yaml")
     # Redis visibility timeout: must exceed the longest request with its retries (CELERY-NOTES §1).
     visibility_timeout_s: int = 3600
@@ -547,6 +555,13 @@ class CascadeSettings(BaseSettings):
     # expires.
     cache_ttl_s: float | None = Field(None, gt=0)
 
+    @property
+    def shared_redis_url(self) -> str | None:
+        """Where rate limits and model health live: ``redis_url``, else a Redis broker's URL, else None."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url and is_redis_url(self.broker_url) else None
+
     @model_validator(mode="after")
     def _beats_before_death(self) -> CascadeSettings:
         if self.lease_s < 3 * self.heartbeat_s:
@@ -556,6 +571,11 @@ class CascadeSettings(BaseSettings):
             raise ValueError(f"worker_dead_after_s ({self.worker_dead_after_s}) must be at least twice heartbeat_s "
                              f"({self.heartbeat_s}): one late beat would look like a dead worker")
         return self
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether a broker URL is a Redis one (``redis://``, ``rediss://``, ``redis+socket://``), not AMQP."""
+    return url.split(":", 1)[0] in ("redis", "rediss", "redis+socket", "socket", "unix")
 
 
 def load_settings(**overrides: Any) -> CascadeSettings:  # Any: explicit values beat the environment

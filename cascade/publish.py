@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cascade.config import CascadeConfig, CascadeSettings, load_config
+from cascade.config import CascadeConfig, CascadeSettings, is_redis_url, load_config
 from cascade.errors import ConfigError
 from cascade.store import Stage
 
@@ -42,6 +42,7 @@ __all__ = [
     "configured_tiers",
     "declare_tier_queues",
     "is_tier_queue",
+    "make_queue",
     "messages",
     "queue_for",
     "tier_count",
@@ -130,10 +131,12 @@ def all_queues(tiers: int = MIN_TIERS) -> list[str]:
 
 
 def broker_errors() -> tuple[type[Exception], ...]:
-    """What a broker outage raises through kombu (its OperationalError), for loops that retry later."""
+    """What a broker outage raises through kombu (its OperationalError) or, on RabbitMQ, through py-amqp (a
+    dropped connection, a channel the broker closed), for loops that retry later."""
+    from amqp.exceptions import AMQPError
     from kombu.exceptions import OperationalError
 
-    return (OperationalError,)
+    return (OperationalError, AMQPError)
 
 
 def queue_for(tier: int, stage: Stage) -> str:
@@ -143,16 +146,58 @@ def queue_for(tier: int, stage: Stage) -> str:
     return f"tier{tier}" if stage is Stage.CALL else VALIDATE_QUEUE
 
 
+def make_queue(name: str, arguments: dict[str, Any] | None = None) -> Any:  # Any: a kombu Queue
+    """A durable queue bound only under its own name: to a direct exchange of the same name, with its name as
+    routing key (messages go through the default exchange by queue name: CELERY-NOTES §5). Without an exchange
+    of its own a queue would be bound to the default queue's exchange and key, so a publish there would be
+    copied into every queue. ``arguments``: e.g. RabbitMQ's ``x-queue-type``."""
+    from kombu import Exchange, Queue  # imported here: the rest of the core imports this module without Celery
+
+    return Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True, queue_arguments=arguments)
+
+
 def declare_tier_queues(app: Celery, names: Iterable[str]) -> None:
-    """Declare in ``app`` each tier queue among ``names`` that it does not declare yet; other names are left
-    alone (an undeclared one stays an error, as ``task_create_missing_queues`` is off)."""
+    """Declare in ``app`` each tier queue among ``names`` that it does not declare yet (with the arguments of
+    the queues it has); other names are left alone (an undeclared one stays an error, as
+    ``task_create_missing_queues`` is off)."""
     queues = app.amqp.queues
     missing = [name for name in names if is_tier_queue(name) and name not in queues]
-    if missing:
-        from kombu import Queue
+    known = queues.get(VALIDATE_QUEUE)
+    for name in missing:
+        queues.add(make_queue(name, known.queue_arguments if known is not None else None))
 
-        for name in missing:
-            queues.add(Queue(name))
+
+_AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+_QUORUM: dict[str, bool] = {}
+
+
+def _quorum(settings: CascadeSettings, broker_url: str) -> bool:
+    """Whether to declare quorum queues on this RabbitMQ: ``CASCADE_AMQP_QUEUE_TYPE``, or with ``auto`` whether
+    the server is RabbitMQ 3.8 or later (asked once per process; a server that cannot be asked is assumed
+    recent)."""
+    if settings.amqp_queue_type != "auto":
+        return settings.amqp_queue_type == "quorum"
+    if broker_url not in _QUORUM:
+        _QUORUM[broker_url] = _supports_quorum(broker_url)
+    return _QUORUM[broker_url]
+
+
+def _supports_quorum(broker_url: str) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(broker_url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+            raw = conn.connection.server_properties.get("version", b"")
+    except Exception as exc:  # noqa: BLE001 - any failure to ask: assume a recent server, say so
+        log.warning("could not ask the broker for its version (%s); declaring quorum queues", exc)
+        return True
+    version = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (3, 8)
 
 
 class Publisher(Protocol):
@@ -167,17 +212,22 @@ def celery_config(settings: CascadeSettings, broker_url: str,
                   tiers: int = MIN_TIERS) -> dict[str, Any]:  # Any: Celery's settings
     """The Celery settings every process (workers, producers, the sweeper) must share, declaring
     ``tiers`` tier queues (``configured_tiers`` gives the loaded config's count)."""
-    from kombu import Queue  # imported here: the rest of the core imports this module without Celery
-
-    transport: dict[str, Any] = {  # Any: kombu transport options
-        "visibility_timeout": settings.visibility_timeout_s,
-        # gevent workers never run kombu's restore sweep (CELERY-NOTES §1); the Postgres sweeper
-        # re-publishes instead, and a short restore cadence helps prefork/thread janitors.
-        "unacked_restore_interval": 5,
-        "unacked_restore_throttle": 1,
-    }
-    if settings.key_prefix:
-        transport["global_keyprefix"] = settings.key_prefix
+    if is_redis_url(broker_url):
+        transport: dict[str, Any] = {  # Any: kombu transport options
+            "visibility_timeout": settings.visibility_timeout_s,
+            # gevent workers never run kombu's restore sweep (CELERY-NOTES §1); the Postgres sweeper
+            # re-publishes instead, and a short restore cadence helps prefork/thread janitors.
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        }
+        if settings.key_prefix:
+            transport["global_keyprefix"] = settings.key_prefix
+        arguments = None
+    elif broker_url.split(":", 1)[0] in _AMQP_SCHEMES:  # RabbitMQ: a publish returns once the broker has the
+        transport = {"confirm_publish": True}                # message (publisher confirms)
+        arguments = {"x-queue-type": "quorum"} if _quorum(settings, broker_url) else None
+    else:  # another kombu transport (memory:// in tests): its defaults
+        transport, arguments = {}, None
     # Every queue is declared up front: Flower lists task_queues until it has inspected a worker. Missing
     # queues stay an error (a typo in -Q must not start a worker on a queue nobody publishes to); only tier
     # queues beyond these are added, by name (declare_tier_queues).
@@ -198,7 +248,7 @@ def celery_config(settings: CascadeSettings, broker_url: str,
         # kombu then pauses BRPOP and sleeps a full second before fetching again (kombu redis
         # MultiChannelPoller.get): the pool ran at 8 of 64 slots on average and 15 jobs/s instead of 49.
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
-        "task_queues": [Queue(name) for name in queues],
+        "task_queues": [make_queue(name, arguments) for name in queues],
         "task_default_queue": VALIDATE_QUEUE,
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
@@ -274,9 +324,11 @@ class CeleryPublisher:
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             client = getattr(channel, "client", None)
-            if client is None:  # not Redis: ask the broker through a passive declare
-                declare = channel.queue_declare  # type: ignore[attr-defined]  # every kombu channel has it
-                return {q: declare(q, passive=True).message_count for q in queues}
+            if client is None:  # not Redis: ask the broker by declaring each queue as it is declared everywhere
+                # (idempotent; a passive declare of a queue no worker declared yet would close the channel)
+                defined = self.app.amqp.queues
+                # py-amqp answers (name, message_count, consumer_count); kombu's stubs say str
+                return {q: int(getattr(defined[q](channel).queue_declare(), "message_count", 0)) for q in queues}
             # kombu's client adds global_keyprefix to LLEN itself.
             return {q: int(client.llen(q)) for q in queues}
 

@@ -4,6 +4,11 @@
 without them the session starts an embedded PostgreSQL and Redis (cascade.embedded). Each test gets
 its own Postgres schema (migrated to head, dropped afterwards) and its own Redis key prefix, so runs
 and xdist workers never collide and nothing is flushed on a shared Redis.
+
+``CASCADE_TEST_AMQP_URL`` (a RabbitMQ, e.g. ``amqp://guest:guest@127.0.0.1:5672//``; `make test` sets it when one
+answers on 127.0.0.1:5672) runs the tests parametrized with ``broker="amqp"`` on RabbitMQ too: each gets a
+virtual host of its own (made and deleted with ``rabbitmqctl``), and Redis only for what workers share besides
+messages (``CASCADE_REDIS_URL``). Without it they are skipped, saying why.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 from sqlalchemy import Engine, text
@@ -49,29 +55,79 @@ def services() -> Iterator[Services]:
         yield Services(db, broker)
 
 
+AMQP_URL = os.environ.get("CASCADE_TEST_AMQP_URL")
+
+
+class Vhost:
+    """A RabbitMQ virtual host owned by one test: its queues, and a way to drop its connections or messages."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        parts = urlsplit(AMQP_URL or "")
+        self.url = urlunsplit((parts.scheme, parts.netloc, "/" + quote(name, safe=""), "", ""))
+
+    @staticmethod
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False)
+
+    def create(self) -> str | None:
+        """Make the vhost and let the URL's user use it; the reason when that cannot be done here."""
+        if shutil.which("rabbitmqctl") is None:
+            return "rabbitmqctl is not on PATH: cannot give the test a RabbitMQ vhost of its own"
+        user = unquote(urlsplit(AMQP_URL or "").username or "guest")
+        for args in (("add_vhost", self.name), ("set_permissions", "-p", self.name, user, ".*", ".*", ".*")):
+            done = self.ctl(*args)
+            if done.returncode != 0:
+                return f"rabbitmqctl {args[0]} failed: {(done.stderr or done.stdout).strip()[:300]}"
+        return None
+
+    def delete(self) -> None:
+        self.ctl("delete_vhost", self.name)
+
+    def drop_connections(self) -> None:
+        """What a broker restart does to its clients: every connection to the vhost is closed."""
+        self.ctl("close_all_connections", "-p", self.name, "cascade test: broker restart")
+
+    def purge(self) -> None:
+        """What a flush does: every queued message of the vhost is gone."""
+        names = self.ctl("list_queues", "-p", self.name, "name", "--no-table-headers", "--quiet").stdout.split()
+        for name in names:
+            self.ctl("purge_queue", "-p", self.name, name)
+
+
 @dataclass
 class Env:
-    """One test's isolated slice of the services: a schema and a key prefix."""
+    """One test's isolated slice of the services: a schema and a key prefix (and a RabbitMQ vhost when the
+    test runs on RabbitMQ)."""
 
     services: Services
     schema: str
     prefix: str
     engine: Engine
+    vhost: Vhost | None = None
+
+    @property
+    def broker_url(self) -> str:
+        return self.vhost.url if self.vhost is not None else self.services.broker_url
 
     def settings(self, **overrides: Any) -> CascadeSettings:
         values: dict[str, Any] = {
-            "database_url": self.services.database_url, "broker_url": self.services.broker_url,
+            "database_url": self.services.database_url, "broker_url": self.broker_url,
             "db_schema": self.schema, "key_prefix": self.prefix, "max_inline_wait_s": 1.0,
         }
+        if self.vhost is not None:
+            values["redis_url"] = self.services.broker_url
         return CascadeSettings(**{**values, **overrides})
 
     def environ(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
         env.update({
-            "CASCADE_DATABASE_URL": self.services.database_url, "CASCADE_BROKER_URL": self.services.broker_url,
+            "CASCADE_DATABASE_URL": self.services.database_url, "CASCADE_BROKER_URL": self.broker_url,
             "CASCADE_DB_SCHEMA": self.schema, "CASCADE_KEY_PREFIX": self.prefix, "CASCADE_MAX_INLINE_WAIT_S": "1",
             "PYTHONPATH": str(ROOT),
         })
+        if self.vhost is not None:
+            env["CASCADE_REDIS_URL"] = self.services.broker_url
         env.update(extra)
         return env
 
@@ -85,8 +141,26 @@ class Env:
 
 
 @pytest.fixture
-def env(services: Services) -> Iterator[Env]:
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker a test runs on: ``redis`` unless parametrized (``@pytest.mark.parametrize("broker", BROKERS,
+    indirect=True)``)."""
+    return str(getattr(request, "param", "redis"))
+
+
+#: Parametrize ``broker`` with these (indirect) to run a test on Redis and on RabbitMQ.
+BROKERS = ["redis", "amqp"]
+
+
+@pytest.fixture
+def env(services: Services, broker: str) -> Iterator[Env]:
     tag = uuid.uuid4().hex[:10]
+    vhost = None
+    if broker == "amqp":
+        if not AMQP_URL:
+            pytest.skip("RabbitMQ variant: CASCADE_TEST_AMQP_URL is not set (no RabbitMQ on 127.0.0.1:5672)")
+        vhost = Vhost(f"cascade-test-{tag}")
+        if (why := vhost.create()) is not None:
+            pytest.skip(f"RabbitMQ variant: {why}")
     schema = f"t_{tag}"
     admin = make_engine(services.database_url)
     with admin.begin() as conn:
@@ -94,12 +168,14 @@ def env(services: Services) -> Iterator[Env]:
     engine = make_engine(services.database_url, schema=schema, pool_size=10)
     upgrade(engine)
     try:
-        yield Env(services, schema, f"{tag}:", engine)
+        yield Env(services, schema, f"{tag}:", engine, vhost)
     finally:
         engine.dispose()
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+        if vhost is not None:
+            vhost.delete()
 
 
 @pytest.fixture

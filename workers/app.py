@@ -1,9 +1,27 @@
-"""The Celery app: `celery -A workers.app worker -P gevent -c 256 -Q tier1` (any queue set),
-`celery -A workers.app flower`. Settings come from CASCADE_* (cascade.config.CascadeSettings)."""
+"""The Celery app: `celery -A workers.app worker -c 256 -Q tier1` (any queue set; gevent unless -P says
+otherwise), `celery -A workers.app flower`. Settings come from CASCADE_* (cascade.config.CascadeSettings)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
+
+
+def _gevent_by_default(argv: list[str]) -> None:
+    """`celery -A workers.app worker` with no -P/--pool runs gevent, the pool the reliability suite passes with
+    (CELERY-NOTES §4), not Celery's prefork. Celery applies gevent's patches only when -P says so, before it
+    imports anything else (patching here, later, leaves a worker that takes messages and never runs them), so
+    the process starts again, the same way, with `-P gevent` added."""
+    if "worker" not in argv or any(a in ("-P", "--pool") or a.startswith(("-P", "--pool=")) for a in argv):
+        return
+    at = argv.index("worker") + 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "celery", *argv[1:at], "-P", "gevent", *argv[at:]])
+
+
+_gevent_by_default(sys.argv)
 
 from celery import Celery
 from celery.signals import celeryd_init

@@ -190,6 +190,10 @@ def _send_all(ctx: StageContext, audits: list[_Audit]) -> None:
 def _send(ctx: StageContext, audit: _Audit, request: Request, attempt_id: int, bound: Decimal, sent: _Sent) -> None:
     """Send one request, retrying inline as the policy says (each try has its own attempts row)."""
     tier, limited, failed = audit.tier, 0, 0
+    if (missing := ctx.missing_shared_state(tier.model)) is not None:
+        sent.rows.append(_not_sent(attempt_id, "config", missing) | audit.budget_keys(bound))
+        sent.failed = missing
+        return
     while True:
         slots = reserve_slots(ctx, tier, [request], hold=None)
         if not slots.granted:

@@ -333,7 +333,8 @@ def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
         ctx.providers.get(tier.model)
     except ConfigError as exc:
         return model_error("config", str(exc), samples=tier.samples)
-    return None
+    missing = ctx.missing_shared_state(tier.model)
+    return None if missing is None else model_error("config", missing, samples=tier.samples)
 
 
 def _settle(ctx: StageContext, tier: ResolvedTier, pending: _Pending, done: Completion) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cascade.config import CascadeSettings, TaskSnapshot
+from cascade.config import CascadeSettings, ModelConfig, TaskSnapshot
 from cascade.health import Health, RedisHealth
 from cascade.liveness import HeldClaims
 from cascade.providers import ProviderPool
@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 class StageContext:
     """The engine, publisher, providers and settings a stage runs with.
 
-    ``rate_limiter`` None means one on the broker's Redis (``settings.broker_url``), built on first use
-    by a model with ``rate_limit_rpm``; without a broker URL no rate limit is applied. ``worker_id`` names
+    ``rate_limiter`` None means one on the shared Redis (``settings.shared_redis_url``: ``CASCADE_REDIS_URL``, or
+    a Redis broker's), built on first use by a model with a rate limit; without one, in a process with no broker
+    at all (a test, a CLI) no rate limit is applied, and behind a RabbitMQ broker such a model cannot be called
+    (``missing_shared_state``). ``worker_id`` names
     the heartbeating process that claims (``cascade.liveness``); None means claims rely on their lease.
     ``held`` lists the claims in progress, whose leases the heartbeat renews.
     """
@@ -67,19 +69,31 @@ class StageContext:
 
     def limiter(self) -> RateLimiter | None:
         """The process's rate limiter (see the class docstring); None when there is no broker to share."""
-        if self.rate_limiter is None and self.settings.broker_url:
-            self.rate_limiter = RedisRateLimiter.from_broker(self.settings.broker_url,
-                                                             key_prefix=self.settings.key_prefix)
+        url = self.settings.shared_redis_url
+        if self.rate_limiter is None and url:
+            self.rate_limiter = RedisRateLimiter.from_broker(url, key_prefix=self.settings.key_prefix)
         return self.rate_limiter
 
+    def missing_shared_state(self, model: ModelConfig) -> str | None:
+        """Why ``model`` cannot be called here: it has a rate limit, and the broker is not Redis and no
+        ``CASCADE_REDIS_URL`` holds the limit every worker shares (None: it can)."""
+        if not (model.rate_limit_rpm or model.rate_limit_tpm) or self.rate_limiter is not None:
+            return None
+        if self.settings.shared_redis_url or not self.settings.broker_url:
+            return None
+        return (f"model {model.name!r} has a rate limit, which every worker must share, but the broker is not "
+                "Redis: set CASCADE_REDIS_URL to a Redis for the limits (and model health)")
+
     def health(self) -> Health:
-        """The process's model health (``cascade.health``): shared through the broker's Redis, or every model
-        up when there is no broker."""
+        """The process's model health (``cascade.health``): shared through the shared Redis, or every model up
+        when there is none."""
         if self.model_health is None:
-            settings = self.settings
+            settings, url = self.settings, self.settings.shared_redis_url
+            if url is None and settings.broker_url:
+                log.warning("circuit breakers are off: the broker is not Redis and CASCADE_REDIS_URL is not set")
             self.model_health = RedisHealth.from_broker(
-                settings.broker_url, key_prefix=settings.key_prefix, failures=settings.breaker_failures,
-                cooldown_s=settings.breaker_cooldown_s) if settings.broker_url else Health()
+                url, key_prefix=settings.key_prefix, failures=settings.breaker_failures,
+                cooldown_s=settings.breaker_cooldown_s) if url else Health()
         return self.model_health
 
     @property

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import pytest
 
+from cascade.publish import worker_queues
 from cascade.store import Stage
-from tests.conftest import wait_for
+from tests.conftest import BROKERS, ROOT, wait_for
 from tests.integration import scenario
 from tests.integration.audit import audit as _audit
 from tests.integration.audit import client as _client
@@ -15,8 +19,9 @@ from tests.integration.audit import cost_equals_tokens_times_price as _cost_equa
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_small_batch_end_to_end(env, sim, workers):
-    # Given a sim with known per-model quality and a worker for every queue
+    # Given a sim with known per-model quality and a worker for every queue (on Redis, and on RabbitMQ)
     sim_cfg = scenario.sim_config()
     server = sim(sim_cfg)
     client = _client(env, server.url)
@@ -128,3 +133,26 @@ def test_redelivered_messages_change_nothing(env, sim, workers):
     # Then nothing changed: no new attempt, validation, cost or model request
     assert _snapshot_tables(env, batch) == before
     assert _sim_requests(server) == requests_before
+
+
+def test_a_worker_started_without_a_pool_runs_gevent(env, sim, tmp_path):
+    # Given the short command a user remembers: no -P
+    server = sim(scenario.sim_config())
+    client = _client(env, server.url)
+    log = tmp_path / "worker.log"
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(worker_queues()), "-c", "32",
+           "-n", f"plain-{env.schema}@%h", "--without-gossip", "--without-mingle", "-l", "info"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env.environ(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # When a batch runs on it
+        rows = scenario.rows(40, "label")
+        batch = client.submit("label", rows, key_field="id").batch_id
+        assert client.wait(batch, timeout=60, poll_s=0.2).is_done
+    finally:
+        proc.kill()
+        proc.wait(10)
+    # Then it ran the gevent pool (the one the reliability tests pass with), and the batch is right
+    text = log.read_text(errors="replace")
+    assert "(gevent)" in text and "Traceback" not in text, text[-3000:]
+    _audit(env, client, batch, client.config.snapshot("label"), scenario.sim_config(), rows)

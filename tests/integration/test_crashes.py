@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from cascade.sim import SimConfig, SimModel
 from cascade.store import make_engine
-from tests.conftest import ROOT, wait_for
+from tests.conftest import BROKERS, ROOT, wait_for
 from tests.integration import scenario
 from tests.integration.audit import audit, cost_equals_tokens_times_price
 from tests.integration.audit import client as make_client
@@ -59,8 +59,10 @@ def _run_to_end(env, client, batch_id, rows, sim_cfg, timeout=240):
     cost_equals_tokens_times_price(env)
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
-    # Given 1,000 jobs, call stages and validation in separate worker processes, and a sweeper
+    # Given 1,000 jobs, call stages and validation in separate worker processes, and a sweeper (on Redis, and on
+    # RabbitMQ, which hands a dead consumer's unacknowledged messages back at once)
     sim_cfg = _slow_sim(31)
     client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     callers = workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LIVENESS)
@@ -115,6 +117,31 @@ def test_broker_lost_mid_batch(env, sim, workers, sweeper, own_redis, fault, siz
     print(f"Redis {fault} hit {hit}")
 
 
+@pytest.mark.parametrize("fault", ["restart", "purge"])
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_rabbitmq_lost_mid_batch(env, sim, workers, sweeper, fault):
+    # Given a batch on a RabbitMQ vhost of this test's, one worker and a sweeper
+    sim_cfg = _slow_sim(47)
+    client = make_client(env, sim(sim_cfg).url, fallbacks=True)
+    workers(concurrency=64, **FAST_LIVENESS)
+    sweeper(stalled_after=3, **FAST_LIVENESS)
+    rows = scenario.rows(600, "label")
+    batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
+    # When every connection to the broker is dropped (what a restart does to its clients), or every queue is
+    # purged, while messages are queued and in flight
+    wait_for(lambda: _finished(env, batch) >= 150, 120, "150 finished jobs")
+    hit = _in_flight(env)
+    assert env.vhost is not None
+    if fault == "restart":
+        env.vhost.drop_connections()
+    else:
+        env.vhost.purge()
+    # Then the workers reconnect, the sweeper re-publishes what was lost, and every job finishes exactly once
+    _run_to_end(env, client, batch, rows, sim_cfg)
+    print(f"RabbitMQ {fault} hit {hit}")
+
+
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_postgres_connections_dropped_mid_stage(env, sim, workers, sweeper):
     # Given 400 jobs in flight
     sim_cfg = _slow_sim(43)

@@ -13,6 +13,7 @@ from cascade.client import Client
 from cascade.publish import CeleryPublisher
 from cascade.ratelimit import RedisRateLimiter, burst_of
 from cascade.sim import SimConfig, SimModel
+from tests.conftest import BROKERS
 from tests.integration import scenario
 from tests.integration.test_provider_faults import sweeping
 
@@ -74,8 +75,10 @@ def test_a_held_slot_is_kept_for_its_job(limiter):
     assert not late.granted and 0.6 <= late.first_s <= 0.9
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_rate_limit_holds_across_two_workers(env, sim, workers):
-    # Given a model limited to 120 rpm (2/s, burst 2), a 0-latency sim and two worker processes
+    # Given a model limited to 120 rpm (2/s, burst 2), a 0-latency sim and two worker processes (on RabbitMQ the
+    # limit lives in CASCADE_REDIS_URL's Redis)
     rpm, rows = 120, scenario.rows(30, "summary")
     server = sim(SimConfig(seed=3))
     settings = env.settings()

@@ -92,3 +92,40 @@ def test_a_tier_queue_beyond_the_config_is_declared_on_demand_and_nothing_else()
     assert "valdate" not in app.amqp.queues
     with pytest.raises(QueueNotFound):
         _routes(app, "valdate")
+
+
+def test_each_queue_is_bound_only_under_its_own_name():
+    # A queue without an exchange of its own would be bound to the default queue's exchange and key (validate):
+    # a publish there would land in every queue
+    for queue in _app(3).conf.task_queues:
+        assert (queue.exchange.name, queue.exchange.type, queue.routing_key, queue.durable) == (
+            queue.name, "direct", queue.name, True)
+        assert queue.queue_arguments is None
+
+
+@pytest.mark.parametrize(("queue_type", "arguments"), [("quorum", {"x-queue-type": "quorum"}), ("classic", None)])
+def test_rabbitmq_queues_are_quorum_queues_and_publishes_are_confirmed(queue_type, arguments):
+    config = celery_config(CascadeSettings(amqp_queue_type=queue_type), "amqp://guest@rabbit//", 3)
+    assert {str(q.name): q.queue_arguments for q in config["task_queues"]} == dict.fromkeys(all_queues(3), arguments)
+    assert config["broker_transport_options"] == {"confirm_publish": True}
+
+
+def test_a_rate_limited_model_behind_rabbitmq_needs_a_shared_redis():
+    from cascade.config import ModelConfig
+    from cascade.providers import ProviderPool
+    from cascade.stages import StageContext
+
+    limited = ModelConfig(name="m", base_url="http://x", model="m", rate_limit_rpm=60)
+    free = ModelConfig(name="f", base_url="http://x", model="f")
+
+    def ctx(**settings):
+        return StageContext(None, None, ProviderPool(), CascadeSettings(**settings))  # type: ignore[arg-type]
+
+    rabbit = ctx(broker_url="amqp://guest@rabbit//")
+    assert "CASCADE_REDIS_URL" in (rabbit.missing_shared_state(limited) or "")
+    assert rabbit.missing_shared_state(free) is None
+    assert ctx(broker_url="amqp://guest@rabbit//", redis_url="redis://r/0").missing_shared_state(limited) is None
+    assert ctx(broker_url="redis://r/0").missing_shared_state(limited) is None
+    assert ctx(broker_url="amqp://guest@rabbit//", redis_url="redis://r/1").settings.shared_redis_url == "redis://r/1"
+    assert ctx(broker_url="redis://r/0").settings.shared_redis_url == "redis://r/0"
+    assert rabbit.settings.shared_redis_url is None
