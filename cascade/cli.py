@@ -8,6 +8,7 @@ human messages go to stderr; every read command has ``--json``; a batch id may b
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 import sys
@@ -193,11 +194,12 @@ def _print_status(state: BatchStatus) -> None:
     # The id on a line of its own: a table title would fold it at the table's width.
     out.print(f"batch {state.batch_id} ({state.task_type})", markup=False, highlight=False, soft_wrap=True)
     table = Table()
-    for col in ("rows", "queued", "running", "succeeded", "failed", "cost"):
+    columns = ["rows", "queued", "running", "succeeded", "failed"]
+    columns += ["cancelled"] if state.cancelled or state.counts.get("cancelled") else []
+    for col in (*columns, "cost"):
         table.add_column(col, justify="right", no_wrap=True)
     c = state.counts
-    table.add_row(str(state.rows), str(c.get("queued", 0)), str(c.get("running", 0)), str(c.get("succeeded", 0)),
-                  str(c.get("failed", 0)), money(state.cost_usd))
+    table.add_row(str(state.rows), *[str(c.get(col, 0)) for col in columns[1:]], money(state.cost_usd))
     out.print(table)
     if state.budget is not None:
         cap, spent, reserved = state.budget
@@ -260,8 +262,8 @@ def wait(
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Wait for a batch to finish with a progress bar. Exit 1 if some jobs failed, 2 if the batch halted on a
-    configuration fault (fix it, then `cascade retry BATCH`), 3 on timeout."""
+    """Wait for a batch to finish with a progress bar. Exit 1 if some jobs failed or were cancelled, 2 if the
+    batch halted on a configuration fault (fix it, then `cascade retry BATCH`), 3 on timeout."""
     client = make_client()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=as_json) as bar:
@@ -282,18 +284,79 @@ def wait(
     if not state.is_done:
         err.print(f"timeout: {state.finished}/{state.rows} jobs finished")
         raise typer.Exit(3)
-    if state.counts.get("failed"):
-        err.print(f"{state.counts['failed']} of {state.rows} jobs failed")
+    if state.counts.get("failed") or state.counts.get("cancelled"):
+        failed, cancelled = state.counts.get("failed", 0), state.counts.get("cancelled", 0)
+        parts = ([f"{failed} of {state.rows} jobs failed"] if failed else []) + (
+            [f"{cancelled}{'' if failed else f' of {state.rows} jobs'} cancelled"] if cancelled else [])
+        err.print(", ".join(parts))
         raise typer.Exit(1)
 
 
 @app.command()
-def retry(batch: str) -> None:
-    """Resume a batch halted by a configuration fault (bad key, unknown model), once it is fixed."""
+def retry(
+    batch: str,
+    failed: Annotated[bool, typer.Option("--failed", help="Run the batch's failed rows again from tier 1 (the same "
+                                         "jobs, in the same batch; their earlier requests are kept).")] = False,
+    cancelled: Annotated[bool, typer.Option("--cancelled", help="Run its cancelled rows again too (with "
+                                            "--failed).")] = False,
+    max_cost: Annotated[float | None, typer.Option(
+        "--max-cost", help="What the retry may spend in USD: the batch's cap becomes what it has spent plus "
+                           "this (with --failed).")] = None,
+) -> None:
+    """Resume a batch halted by a configuration fault (bad key, unknown model), once it is fixed; with --failed,
+    run its failed rows again (a batch cancelled is no longer)."""
     client = make_client()
     batch = guard(lambda: client.resolve(batch))
-    resumed = guard(lambda: client.resume(batch))
-    err.print(f"batch {batch}: {resumed} queued jobs published again")
+    if not failed:
+        if cancelled or max_cost is not None:
+            err.print("error: --cancelled and --max-cost go with --failed", markup=False, highlight=False)
+            raise typer.Exit(2)
+        resumed = guard(lambda: client.resume(batch))
+        err.print(f"batch {batch}: {resumed} queued jobs published again")
+        return
+    count, cap = guard(lambda: client.retry_failed(batch, cancelled=cancelled, max_cost=max_cost))
+    which = "failed or cancelled" if cancelled else "failed"
+    err.print(f"batch {batch}: {count} {which} jobs run again from tier 1"
+              + (f" (the batch's cap is now {money(cap)})" if cap is not None else ""), markup=False, highlight=False)
+
+
+@app.command()
+def cancel(batch: str, as_json: JsonOpt = False) -> None:
+    """Stop a batch: its queued (and deferred) jobs are cancelled at once; a running job finishes the request it
+    has in flight and stops there, no new request goes out. `cascade wait` on it then exits 1;
+    `cascade retry BATCH --failed --cancelled` runs them again."""
+    client = make_client()
+    batch = guard(lambda: client.resolve(batch))
+    done = guard(lambda: client.cancel(batch))
+    if as_json:
+        typer.echo(json.dumps({"batch_id": batch, "cancelled": done.queued, "stopping": done.running,
+                               "audits_skipped": done.audits}))
+    err.print(f"batch {batch}: {done.queued} jobs cancelled, {done.running} running stop after their current "
+              "request", markup=False, highlight=False)
+
+
+@app.command()
+def batches(
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    task_type: Annotated[str | None, typer.Option(help="Only this task type.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The newest batches: id, task type, created, rows, done/failed/open, cost and state (running, done,
+    halted, cancelling, cancelled)."""
+    client = make_client()
+    rows = guard(lambda: client.batches(limit=limit, task_type=task_type))
+    if as_json:
+        typer.echo(json.dumps([{**dataclasses.asdict(r), "created_at": r.created_at.isoformat(),
+                                "cost_usd": str(r.cost_usd)} for r in rows]))
+        return
+    table = Table(title="batches")
+    for col in ("id", "task type", "created", "rows", "succeeded", "failed", "cancelled", "open", "cost", "state"):
+        table.add_column(col, justify="right" if col in ("rows", "succeeded", "failed", "cancelled", "open", "cost")
+                         else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(r.id, r.task_type, r.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(r.rows), str(r.succeeded),
+                      str(r.failed), str(r.cancelled), str(r.open), money(r.cost_usd), r.state)
+    console().print(table)
 
 
 @app.command()

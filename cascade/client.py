@@ -49,10 +49,13 @@ class BatchStatus:
     starts: list[tuple[int, str, int]] | None = None
     #: (waiting or running, agreed, disagreed, cost) of the batch's quality audits; None when not read or none
     audits: tuple[int, int, int, Decimal] | None = None
+    #: the batch was cancelled (``cancel``): its jobs end as cancelled, none goes on
+    cancelled: bool = False
 
     @property
     def finished(self) -> int:
-        return self.counts.get("succeeded", 0) + self.counts.get("failed", 0)
+        """Jobs that will not change any more: succeeded, failed or cancelled."""
+        return self.counts.get("succeeded", 0) + self.counts.get("failed", 0) + self.counts.get("cancelled", 0)
 
     @property
     def is_done(self) -> bool:
@@ -60,7 +63,7 @@ class BatchStatus:
 
     def to_json(self) -> dict[str, Any]:  # Any: JSON
         return {"batch_id": self.batch_id, "task_type": self.task_type, "rows": self.rows,
-                "finished": self.finished, "counts": self.counts,
+                "finished": self.finished, "counts": self.counts, "cancelled": self.cancelled,
                 "by_tier": {str(k): v for k, v in self.by_tier.items()}, "cost_usd": str(self.cost_usd),
                 "halted": self.halted, "notes": self.notes,
                 "cache": None if self.cache is None else {"hits": self.cache[0], "misses": self.cache[1],
@@ -201,11 +204,11 @@ class Client:
             counts[status] = counts.get(status, 0) + n
             by_tier[tier] = by_tier.get(tier, 0) + n
         cost = sum((r[3] or Decimal(0) for r in rows), Decimal(0))
-        task_type, size, halted = batch
+        task_type, size, halted, cancelled = batch
         if starts is not None and all(route == "default" for _, route, _ in starts):
             starts = None  # every job started at tier 1: nothing to say
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
-                           cache, budget, starts, audits)
+                           cache, budget, starts, audits, cancelled)
 
     def _models_down(self, names: list[str]) -> list[str]:
         """Notes on the models ``names`` that are down now (their circuit breakers, ``cascade.health``)."""
@@ -246,6 +249,34 @@ class Client:
             if state.is_done or state.halted or (deadline is not None and time.monotonic() >= deadline):
                 return state
             time.sleep(poll_s)
+
+    def batches(self, *, limit: int = 20, task_type: str | None = None) -> list[store.BatchSummary]:
+        """The newest ``limit`` batches (of ``task_type`` if given), newest first, with their jobs counted."""
+        with self.engine.connect() as conn:
+            return store.list_batches(conn, limit=limit, task_type=task_type)
+
+    def cancel(self, batch_id: str) -> store.Cancelled:
+        """Cancel a batch (an id or unique prefix): its queued and deferred jobs are cancelled at once; a running
+        job finishes the request it has in flight and stops there (no new request goes out), then is cancelled.
+        ``wait`` returns once nothing runs; cancelled jobs count as not done (``cascade wait`` exits 1)."""
+        batch_id = self.resolve(batch_id)
+        with self.engine.begin() as conn:
+            return store.cancel_batch(conn, batch_id)
+
+    def retry_failed(self, batch_id: str, *, cancelled: bool = False,
+                     max_cost: Decimal | float | str | None = None) -> tuple[int, Decimal | None]:
+        """Run a batch's failed jobs (and its cancelled ones with ``cancelled``) again from tier 1, as new
+        requests of the same jobs in the same batch (their earlier requests and verdicts are kept as history). The
+        batch is no longer cancelled. ``max_cost``: what the retry may spend (the batch's cap becomes what it has
+        spent plus this). Returns how many jobs were published and the batch's cap."""
+        batch_id = self.resolve(batch_id)
+        extra = parse_cap(max_cost)
+        statuses = ["failed", "cancelled"] if cancelled else ["failed"]
+        with self.engine.begin() as conn:
+            ids, cap = store.retry_jobs(conn, batch_id, statuses, extra)
+        for start in range(0, len(ids), 2000):
+            self.publisher.publish([(job_id, 1, store.Stage.CALL) for job_id in ids[start: start + 2000]])
+        return len(ids), cap
 
     def resume(self, batch_id: str) -> int:
         """Resume a halted batch (after fixing what halted it: the key on the workers, the model's config):

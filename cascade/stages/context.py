@@ -8,7 +8,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 
@@ -57,14 +58,19 @@ class StageContext:
             log.warning("model %r %s: its samples are sent as separate requests from now on (set supports_n: "
                         "false to say so up front)", model, how)
 
-    def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]]) -> TaskSnapshot:  # Any: JSON
-        """The batch's task snapshot; immutable once submitted, so it is cached per process."""
+    def snapshot(self, batch_id: str, load: Callable[[], dict[str, Any]],  # Any: JSON
+                 max_cost_usd: Decimal | None | Literal["submitted"] = "submitted") -> TaskSnapshot:
+        """The batch's task snapshot; immutable once submitted, so it is cached per process. ``max_cost_usd``:
+        the batch's cap as it stands now (``cascade retry --failed --max-cost`` raises it), in place of the one
+        it was submitted with."""
         snap = self._snapshots.get(batch_id)
         if snap is None:
             snap = TaskSnapshot.model_validate(load())
             self._snapshots[batch_id] = snap
             if len(self._snapshots) > 256:
                 self._snapshots.popitem(last=False)
+        if max_cost_usd != "submitted" and max_cost_usd != snap.max_cost_usd:
+            snap = snap.model_copy(update={"max_cost_usd": max_cost_usd})
         return snap
 
     def limiter(self) -> RateLimiter | None:

@@ -40,7 +40,8 @@ def claim_due(ctx: StageContext, conn: Connection, job_ids: Sequence[int], tier:
         # Losing the race is normal (a redelivered or re-published message): not an error.
         log.debug("tier %s %s: %d of %d jobs already moved on", tier, stage.value, len(job_ids) - len(claims),
                   len(job_ids))
-    return [(claim, ctx.snapshot(claim.batch_id, partial(store.batch_config, conn, claim.batch_id)))
+    return [(claim, ctx.snapshot(claim.batch_id, partial(store.batch_config, conn, claim.batch_id),
+                                 claim.max_cost_usd))
             for claim in claims]
 
 
@@ -135,6 +136,7 @@ class Writes:
         leaves no trace."""
         moved = store.move_many(conn, self.moves)
         store.record_validations(conn, [v for v in self.validations if v["job_id"] in moved])
-        due = [due for job_id, due in self.next_steps.items() if job_id in moved]
+        # a job of a cancelled batch stopped instead of going on: no message for it
+        due = [due for job_id, due in self.next_steps.items() if moved.get(job_id) is JobStatus.QUEUED]
         audit_ids = store.insert_audits(conn, [a for a in self.audits if a.job_id in moved])
         return len(moved), due + [(audit_id, 0, Stage.AUDIT) for audit_id in audit_ids]

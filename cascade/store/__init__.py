@@ -74,6 +74,7 @@ from cascade.store.budget import (
     settle_daily,
     settle_daily_now,
 )
+from cascade.store.control import BatchSummary, Cancelled, cancel_batch, list_batches, retry_jobs
 from cascade.store.engine import database_errors, make_engine, normalize_url
 from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
 from cascade.store.reports import (
@@ -104,6 +105,8 @@ __all__ = [
     "Answers",
     "AuditClaim",
     "AuditEnd",
+    "BatchSummary",
+    "Cancelled",
     "Claim",
     "History",
     "JobResult",
@@ -123,6 +126,7 @@ __all__ = [
     "batch_starts",
     "batch_votes",
     "budget_used",
+    "cancel_batch",
     "claim",
     "claim_audits",
     "copy_jobs",
@@ -142,6 +146,7 @@ __all__ = [
     "insert_audits",
     "insert_batch",
     "job_results",
+    "list_batches",
     "lock_for_settling",
     "lock_held_job",
     "make_engine",
@@ -162,6 +167,7 @@ __all__ = [
     "reserve_budget",
     "reserve_daily",
     "resume_batch",
+    "retry_jobs",
     "routing_accuracy",
     "settle_budget",
     "settle_daily",

@@ -48,13 +48,14 @@ class History:
 # A request that never came back was probably billed: it keeps its cost bound as an estimate.
 _INTERRUPT = text("""
 UPDATE attempts SET error = 'interrupted', cost_usd = coalesce(reserved_usd, 0), cost_estimated = coalesce(reserved_usd, 0) > 0
-WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight'
+WHERE job_id = ANY(:ids) AND tier = :tier AND error = 'in_flight' AND NOT superseded
 RETURNING id, job_id, coalesce(reserved_usd, 0) AS estimate
 """)
 # An answer covers the choices that came back (a backend that ignores n answers fewer than it was asked).
 _HISTORY = text("""
 SELECT job_id, sample, n, coalesce(choices, n) AS answered, error FROM attempts
 WHERE job_id = ANY(:ids) AND tier = :tier AND (error IS NULL OR error NOT IN ('in_flight', 'interrupted'))
+  AND NOT superseded
 """)
 
 
@@ -117,6 +118,7 @@ _HELD_ATTEMPT = text("""
 INSERT INTO attempts (job_id, tier, model, variant, sample, n, error, reserved_usd)
 SELECT id, :tier, :model, :variant, :sample, :n, 'in_flight', :reserved FROM jobs
 WHERE id = :job_id AND status = 'running' AND claim_no = :claim_no
+  AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.cancelled_at IS NOT NULL)
 FOR NO KEY UPDATE
 RETURNING id
 """)
@@ -125,8 +127,8 @@ RETURNING id
 def start_held_attempt(conn: Connection, held: Claim, model: str, variant: str | None, sample: int,
                        n: int, reserved_usd: Decimal | None = None) -> int | None:
     """Insert the row of one request about to go out, if ``held`` is still this worker's claim; None when the
-    job was taken over (the worker froze or lost Postgres for longer than the dead-after bound): its request
-    must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted; it
+    job was taken over (the worker froze or lost Postgres for longer than the dead-after bound) or its batch was
+    cancelled: its request must not go out. The row lock orders this against a takeover, whose claim then marks the row interrupted; it
     is the lock the attempts triggers take anyway (migration 0004), so concurrent requests of one job queue
     behind each other instead of deadlocking."""
     row = conn.execute(_HELD_ATTEMPT, {"job_id": held.job_id, "claim_no": held.claim_no, "tier": held.tier,
@@ -221,7 +223,7 @@ def end_attempts(conn: Connection, rows: list[dict[str, Any]],  # Any: bound par
 
 _ANSWERS = text("""
 SELECT job_id, sample, response, truncated, refusals, model FROM attempts
-WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL
+WHERE job_id = ANY(:ids) AND tier = :tier AND error IS NULL AND NOT superseded
 """)
 
 
@@ -260,7 +262,7 @@ def answers_many(conn: Connection, job_ids: Sequence[int], tier: int) -> dict[in
 _VALIDATION = text("""
 INSERT INTO validations (job_id, tier, model, passed, reasons, agreement, votes, samples, answer_key)
 VALUES (:job_id, :tier, :model, :passed, CAST(:reasons AS jsonb), :agreement, :votes, :samples, :answer_key)
-ON CONFLICT (job_id, tier) DO NOTHING
+ON CONFLICT (job_id, tier) WHERE NOT superseded DO NOTHING
 """)
 
 

@@ -69,8 +69,9 @@ class NewBatch:
 
 _INSERT_BATCH = text("""
 INSERT INTO batches (id, task_type, idempotency_key, content_hash, config, config_hash, rows, source, tiers,
-                     top_input_per_mtok, top_output_per_mtok)
-VALUES (:id, :task, :key, '', CAST(:config AS jsonb), :hash, 0, :source, :tiers, :tin, :tout)
+                     top_input_per_mtok, top_output_per_mtok, max_cost_usd)
+VALUES (:id, :task, :key, '', CAST(:config AS jsonb), :hash, 0, :source, :tiers, :tin, :tout,
+        (CAST(:config AS jsonb) ->> 'max_cost_usd')::numeric)
 """)
 
 
@@ -242,13 +243,15 @@ def match_batch_ids(conn: Connection, prefix: str, limit: int = 5) -> list[str]:
     return [r.id for r in conn.execute(_PREFIX, {"p": prefix, "like": like, "n": limit})]
 
 
-def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int, str | None] | None:
-    """(task type, row count, why it is halted or None) of a batch; None if there is no such batch."""
-    row = conn.execute(text("SELECT task_type, rows, halted_at, halt_reason FROM batches WHERE id = :b"),
+def batch_rows(conn: Connection, batch_id: str) -> tuple[str, int, str | None, bool] | None:
+    """(task type, row count, why it is halted or None, whether it was cancelled) of a batch; None if there is
+    no such batch."""
+    row = conn.execute(text("SELECT task_type, rows, halted_at, halt_reason, cancelled_at FROM batches WHERE id = :b"),
                        {"b": batch_id}).first()
     if row is None:
         return None
-    return row.task_type, row.rows, None if row.halted_at is None else str(row.halt_reason or "halted")
+    return (row.task_type, row.rows, None if row.halted_at is None else str(row.halt_reason or "halted"),
+            row.cancelled_at is not None)
 
 
 _COUNT_JOBS = text("SELECT status, tier, count(*), sum(cost_usd) FROM jobs WHERE batch_id = :b GROUP BY status, tier")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, text
 
 from cascade.errors import IllegalTransition
 
-__all__ = ["TRANSITIONS", "Claim", "JobStatus", "Move", "Stage", "claim", "move_many", "release", "renew_leases"]
+__all__ = ["HAND_BACK", "TRANSITIONS", "Claim", "JobStatus", "Move", "Stage", "claim", "move_many", "release", "renew_leases"]
 
 
 class JobStatus(enum.StrEnum):
@@ -29,6 +30,8 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     #: every tier failed, or the policy gave up
     FAILED = "failed"
+    #: its batch was cancelled (``cascade cancel``) before it finished
+    CANCELLED = "cancelled"
 
 
 class Stage(enum.StrEnum):
@@ -40,10 +43,14 @@ class Stage(enum.StrEnum):
 
 #: The allowed moves of ``jobs.status``; every UPDATE in this module follows one of them.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING}),
+    # cancelled: the batch was cancelled (``cancel_batch``); a move of a running job of a cancelled batch to
+    # anything but succeeded becomes cancelled (``move_many``)
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED}),
     JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
+    # a failed or cancelled job runs again from tier 1 with ``cascade retry --failed`` (``retry_jobs``)
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
 }
 
 
@@ -58,6 +65,8 @@ class Claim:
     tier: int
     stage: Stage
     claim_no: int
+    #: the batch's cap on spend as it stands (``batches.max_cost_usd``; a retry may raise it); None: none
+    max_cost_usd: Decimal | None = None
 
 
 # --- state transitions -------------------------------------------------------------------------
@@ -74,7 +83,8 @@ WHERE id IN (SELECT id FROM jobs
                AND (not_before IS NULL OR not_before <= now())
                AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
              FOR UPDATE SKIP LOCKED)
-RETURNING id, batch_id, key, input, tier, stage, claim_no
+RETURNING id, batch_id, key, input, tier, stage, claim_no,
+          (SELECT b.max_cost_usd FROM batches b WHERE b.id = jobs.batch_id) AS max_cost_usd
 """)
 
 
@@ -85,7 +95,8 @@ def claim(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage, lea
     holds them (``cascade.liveness``); without one, only ``lease_s`` protects the claim."""
     rows = conn.execute(_CLAIM, {"ids": list(job_ids), "tier": tier, "stage": stage.value, "lease_s": lease_s,
                                  "worker_id": worker_id})
-    return sorted((Claim(r.id, r.batch_id, r.key, r.input, r.tier, Stage(r.stage), r.claim_no) for r in rows),
+    return sorted((Claim(r.id, r.batch_id, r.key, r.input, r.tier, Stage(r.stage), r.claim_no, r.max_cost_usd)
+                   for r in rows),
                   key=lambda c: c.job_id)
 
 
@@ -102,30 +113,42 @@ class Move:
     delay_s: float = 0.0
 
 
-_MOVE = text("""
-UPDATE jobs j SET status = m.status, tier = m.tier, stage = m.stage, lease_until = NULL,
-                  not_before = CASE WHEN m.delay_s > 0 THEN now() + make_interval(secs => m.delay_s) END,
+#: SET clause handing a running job back to its queue (``j``, its batch ``b``): cancelled if its batch was
+HAND_BACK = """status = CASE WHEN b.cancelled_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+    error = CASE WHEN b.cancelled_at IS NULL THEN j.error ELSE 'cancelled' END,
+    finished_at = CASE WHEN b.cancelled_at IS NULL THEN NULL ELSE now() END"""
+
+# A job of a cancelled batch that does not succeed now stops there: cancelled (b is its batch).
+_STOPS = "(b.cancelled_at IS NOT NULL AND m.status <> 'succeeded')"
+_MOVE = text(f"""
+UPDATE jobs j SET status = CASE WHEN {_STOPS} THEN 'cancelled' ELSE m.status END, tier = m.tier, stage = m.stage,
+                  lease_until = NULL,
+                  not_before = CASE WHEN m.delay_s > 0 AND NOT {_STOPS} THEN now() + make_interval(secs => m.delay_s) END,
                   published_at = CASE WHEN m.delay_s > 0 THEN NULL ELSE now() END,
-                  output = CAST(m.output AS jsonb), error = m.error,
+                  output = CAST(m.output AS jsonb),
+                  error = CASE WHEN {_STOPS} THEN 'cancelled' ELSE m.error END,
                   cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = m.id AND NOT audit),
-                  finished_at = CASE WHEN m.status IN ('succeeded', 'failed') THEN now() END
+                  finished_at = CASE WHEN m.status IN ('succeeded', 'failed') OR {_STOPS} THEN now() END
 FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[]), CAST(:statuses AS text[]), CAST(:tiers AS int[]),
             CAST(:stages AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]),
-            CAST(:delays AS float8[])) AS m(id, claim_no, status, tier, stage, output, error, delay_s)
-WHERE j.id = m.id AND j.status = 'running' AND j.claim_no = m.claim_no
-RETURNING j.id
+            CAST(:delays AS float8[])) AS m(id, claim_no, status, tier, stage, output, error, delay_s),
+     batches b
+WHERE j.id = m.id AND j.status = 'running' AND j.claim_no = m.claim_no AND b.id = j.batch_id
+RETURNING j.id, j.status
 """)
 
 
-def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
-    """End claims in one statement; returns the ids that moved (a claim whose lease expired and was taken
-    over by another worker does not).
+
+def move_many(conn: Connection, moves: Sequence[Move]) -> dict[int, JobStatus]:
+    """End claims in one statement; returns the status each job that moved now has (a claim whose lease expired
+    and was taken over by another worker does not move; a job of a cancelled batch that did not succeed is
+    ``cancelled``, whatever its move said).
 
     Raises:
         IllegalTransition: a move leaves ``running`` for a status ``TRANSITIONS`` does not allow; nothing moves.
     """
     if not moves:
-        return set()
+        return {}
     for m in moves:
         # A real check, not an assert: `python -O` strips asserts, and a wrong move must never reach the table.
         if m.status not in TRANSITIONS[JobStatus.RUNNING]:
@@ -136,14 +159,14 @@ def move_many(conn: Connection, moves: Sequence[Move]) -> set[int]:
         "stages": [m.stage.value for m in moves], "outputs": [m.output_json for m in moves],
         "errors": [m.error for m in moves], "delays": [float(m.delay_s) for m in moves],
     }
-    return {job_id for (job_id,) in conn.execute(_MOVE, params)}
+    return {job_id: JobStatus(status) for job_id, status in conn.execute(_MOVE, params)}
 
 
-_RELEASE = text("""
-UPDATE jobs j SET status = 'queued', lease_until = NULL, published_at = now()
-FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[])) AS c(id, claim_no)
-WHERE j.id = c.id AND j.claim_no = c.claim_no AND j.status = 'running'
-RETURNING j.id, j.tier, j.stage
+_RELEASE = text(f"""
+UPDATE jobs j SET {HAND_BACK}, lease_until = NULL, published_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[])) AS c(id, claim_no), batches b
+WHERE j.id = c.id AND j.claim_no = c.claim_no AND j.status = 'running' AND b.id = j.batch_id
+RETURNING j.id, j.tier, j.stage, j.status
 """)
 
 
@@ -151,7 +174,7 @@ def release(conn: Connection, claims: Sequence[Claim]) -> list[tuple[int, int, S
     """Hand claims back to their queue unchanged (the stage could not finish them); returns the (job, tier,
     stage)s to publish. A claim that already moved, or was taken over, is left alone."""
     rows = conn.execute(_RELEASE, {"ids": [c.job_id for c in claims], "claim_nos": [c.claim_no for c in claims]})
-    return [(job_id, tier, Stage(stage)) for job_id, tier, stage in rows]
+    return [(job_id, tier, Stage(stage)) for job_id, tier, stage, status in rows if status == "queued"]
 
 
 # Only leases in their second half are rewritten: a stage shorter than half the lease (nearly all) costs no

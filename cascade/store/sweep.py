@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-from cascade.store.jobs import Stage
+from cascade.store.jobs import HAND_BACK, Stage
 
 __all__ = [
     "forget_workers",
@@ -25,16 +25,18 @@ __all__ = [
 _LOCK = text("SELECT pg_try_advisory_lock(hashtext('cascade.sweep.' || current_schema()))")
 _UNLOCK = text("SELECT pg_advisory_unlock(hashtext('cascade.sweep.' || current_schema()))")
 
-_EXPIRED = text("""
-UPDATE jobs SET status = 'queued', lease_until = NULL, published_at = now()
-WHERE id IN (
-    SELECT j.id FROM jobs j
-    WHERE j.status = 'running'
-      AND (j.lease_until < now()
-           OR j.worker_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = j.worker_id
+# A job of a cancelled batch is not queued again: it is cancelled (HAND_BACK).
+_EXPIRED = text(f"""
+UPDATE jobs j SET {HAND_BACK}, lease_until = NULL, published_at = now()
+FROM batches b
+WHERE b.id = j.batch_id AND j.id IN (
+    SELECT x.id FROM jobs x
+    WHERE x.status = 'running'
+      AND (x.lease_until < now()
+           OR x.worker_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = x.worker_id
                                                       AND w.seen_at >= now() - make_interval(secs => :dead_after)))
     FOR UPDATE SKIP LOCKED)
-RETURNING id, tier, stage
+RETURNING j.id, j.tier, j.stage, j.status
 """)
 
 _DUE = text("""
@@ -88,7 +90,8 @@ def take_back_expired(conn: Connection, dead_after_s: float) -> list[tuple[int, 
     """Queue again the running jobs whose worker's heartbeat is older than ``dead_after_s``, or whose lease
     expired (a heartbeat renews the leases of the claims its worker holds); returns the (job, tier, stage)s
     to publish."""
-    return _due([tuple(r) for r in conn.execute(_EXPIRED, {"dead_after": dead_after_s}).all()])
+    rows = conn.execute(_EXPIRED, {"dead_after": dead_after_s}).all()
+    return _due([(job_id, tier, stage) for job_id, tier, stage, status in rows if status == "queued"])
 
 
 def stamp_deferred_due(conn: Connection) -> list[tuple[int, int, Stage]]:

@@ -63,9 +63,13 @@ def test_the_check_survives_python_dash_o() -> None:
     assert proc.stdout.strip() == "IllegalTransition"
 
 
-def test_every_status_has_a_row_and_terminal_ones_go_nowhere() -> None:
+def test_every_status_has_a_row_and_terminal_ones_go_nowhere_but_a_retry() -> None:
     assert set(TRANSITIONS) == set(JobStatus)
-    assert TRANSITIONS[JobStatus.SUCCEEDED] == TRANSITIONS[JobStatus.FAILED] == frozenset()
+    assert TRANSITIONS[JobStatus.SUCCEEDED] == frozenset()
+    # a failed or cancelled job only ever runs again from the queue (cascade retry --failed)
+    assert TRANSITIONS[JobStatus.FAILED] == TRANSITIONS[JobStatus.CANCELLED] == frozenset({JobStatus.QUEUED})
+    # a job is cancelled only from the queue (cancel_batch); a running one through its move
+    assert [s for s, to in TRANSITIONS.items() if JobStatus.CANCELLED in to] == [JobStatus.QUEUED]
 
 
 _ON_JOBS_OR_BATCHES = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN|COPY)\s+(?:jobs|batches)\b")
