@@ -33,8 +33,8 @@ import httpx
 import pytest
 
 from cascade.client import Client
-from cascade.publish import CeleryPublisher
-from tests.conftest import ROOT, Env, wait_for
+from cascade.publish import CeleryPublisher, worker_queues
+from tests.conftest import BROKERS, ROOT, Env, wait_for
 from tests.integration import scenario
 
 pytestmark = pytest.mark.integration
@@ -151,3 +151,18 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
         assert state.is_done, state
         wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": 0}, timeout=5,
                  what="every queue to be listed and empty")
+
+
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
+def test_flower_sees_the_workers_and_their_queues(env, workers, flower):
+    # Given a worker consuming every queue (on Redis, and on RabbitMQ)
+    workers(concurrency=4)
+    with flower.api() as api:
+        # When Flower inspects the workers through the broker
+        def seen() -> dict[str, list[str]]:
+            return {name: queues for name, queues in _refresh(api).items() if env.schema in name}
+
+        wait_for(lambda: bool(seen()), timeout=30, what="flower to see the worker")
+        # Then it lists the worker with the queues it consumes
+        [queues] = seen().values()
+        assert queues == sorted(worker_queues())
