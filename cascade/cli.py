@@ -492,12 +492,15 @@ def sim(
     sim_config: Annotated[Path | None, typer.Option("--config", help="Simulated models (YAML).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of every random draw.")] = None,
     replay: Annotated[Path | None, typer.Option(help="Serve recorded answers (JSONL) instead.")] = None,
+    reuse_port: Annotated[bool, typer.Option(
+        "--reuse-port", help="Share the port with other sims started so (the kernel spreads connections over "
+                             "them: a load test's model server with several processes).")] = False,
 ) -> None:
     """An OpenAI-compatible model server for dry runs, demos and tests (no keys, no cost)."""
     from cascade import sim as sim_module
 
     guard(lambda: sim_module.serve(host=host, port=port, config_path=str(sim_config) if sim_config else None,
-                                    seed=seed, replay=str(replay) if replay else None))
+                                    seed=seed, replay=str(replay) if replay else None, reuse_port=reuse_port))
 
 
 DEMO_BATCHES = {"ticket_triage": ("tickets.jsonl", "ticket_id"), "review_summary": ("reviews.jsonl", "review_id")}
@@ -520,7 +523,7 @@ def _tier_progress(client: Client, batch_ids: list[str]) -> None:
                 reached = sum(n for tier, _, n in rows if tier >= t)
                 done = sum(n for tier, status, n in rows if tier > t or (tier == t and status in ("succeeded", "failed")))
                 bar.update(task, total=reached, completed=done)
-            if rows and all(status in ("succeeded", "failed") for _, status, _ in rows):
+            if rows and all(status in ("succeeded", "failed", "cancelled") for _, status, _ in rows):
                 return
             time.sleep(0.3)
 

@@ -853,8 +853,9 @@ class _Sim:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: 300 clients may connect at once
 
-    def __init__(self, address: tuple[str, int], sim: _Sim) -> None:
+    def __init__(self, address: tuple[str, int], sim: _Sim, *, reuse_port: bool = False) -> None:
         self.sim = sim
+        self.allow_reuse_port = reuse_port  # socketserver sets SO_REUSEPORT before bind when this is true
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:  # Any: socketserver's signature
@@ -926,13 +927,16 @@ class SimServer:
         recordings: replay these instead of simulating; the config then only sets latency.
         host: the address to bind.
         port: the port to bind; 0 picks a free one (see ``url``).
+        reuse_port: share the port with other sims started the same way (SO_REUSEPORT: the kernel spreads
+            connections over them), so that a load test has as many sim processes as it needs. Each keeps its
+            own counters.
     """
 
     def __init__(self, config: SimConfig | None = None, *, recordings: list[Recording] | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> None:
         self.config = config or SimConfig()
         self._sim = _Sim(self.config, recordings)
-        self._httpd = _Server((host, port), self._sim)
+        self._httpd = _Server((host, port), self._sim, reuse_port=reuse_port)
         self._thread: threading.Thread | None = None
 
     def seen(self) -> list[SeenRequest]:
@@ -983,7 +987,8 @@ class SimServer:
         self.stop()
 
 
-def serve(*, host: str, port: int, config_path: str | None, seed: int | None, replay: str | None) -> None:
+def serve(*, host: str, port: int, config_path: str | None, seed: int | None, replay: str | None,
+          reuse_port: bool = False) -> None:
     """Run ``cascade sim``: announce the URL on stderr, then serve until interrupted.
 
     Raises:
@@ -992,6 +997,7 @@ def serve(*, host: str, port: int, config_path: str | None, seed: int | None, re
     config = SimConfig.load(config_path) if config_path else SimConfig()
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
-    server = SimServer(config, recordings=load_recordings(replay) if replay else None, host=host, port=port)
+    server = SimServer(config, recordings=load_recordings(replay) if replay else None, host=host, port=port,
+                       reuse_port=reuse_port)
     print(f"cascade sim listening on {server.url}", file=sys.stderr, flush=True)
     server.serve_forever()
