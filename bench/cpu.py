@@ -36,7 +36,7 @@ class CpuMeter:
 
     def _backends(self) -> list[int]:
         with self.box.engine.connect() as conn:
-            rows = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :app "
+            rows = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE (application_name = :app OR application_name LIKE :app || ':worker:%') "
                                      "AND pid <> pg_backend_pid()"), {"app": f"cascade:{self.box.schema}"})
             return [int(r[0]) for r in rows]
 

@@ -151,13 +151,15 @@ class Monitor:
     def connections(self, app: str) -> list[tuple[str | None, str | None, str | None, str | None]]:
         """(state, wait event type, wait event, first 80 characters of the query) of each backend of ``app``."""
         rows = self.conn.execute(text("SELECT state, wait_event_type, wait_event, left(query, 80) "
-                                      "FROM pg_stat_activity WHERE application_name = :app"), {"app": app})
+                                      "FROM pg_stat_activity WHERE application_name = :app "
+                                      "OR application_name LIKE :app || ':worker:%'"), {"app": app})
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def wait_gone(self, app: str, timeout: float = 30.0) -> None:
         """Wait until no backend of ``app`` is left (each flushes its statistics as it exits)."""
         deadline = time.monotonic() + timeout
-        while self.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app", app=app):
+        while self.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = :app "
+                          "OR application_name LIKE :app || ':worker:%'", app=app):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"backends of {app!r} still connected after {timeout:g} s")
             time.sleep(0.05)

@@ -214,7 +214,7 @@ def open_pipeline(settings: CascadeSettings, recordings: list[Recording], *, sta
         psql = services.psql_command if services else None
         database_url, broker_url = settings.database_url, settings.broker_url
         assert database_url and broker_url
-        engine = make_engine(database_url, schema=settings.db_schema, pool_size=2)
+        engine = make_engine(database_url, schema=settings.db_schema, pool_size=2, pooler=settings.database_pooler)
         stack.callback(engine.dispose)
         upgrade(engine)
         sim = stack.enter_context(SimServer(recordings=recordings))

@@ -112,7 +112,8 @@ class Client:
         if self._engine is None:
             if not self.settings.database_url:
                 raise ConfigError("CASCADE_DATABASE_URL is not set (run `cascade dev` for an embedded stack)")
-            self._engine = store.make_engine(self.settings.database_url, schema=self.settings.db_schema)
+            self._engine = store.make_engine(self.settings.database_url, schema=self.settings.db_schema,
+                                             pooler=self.settings.database_pooler)
         return self._engine
 
     @property

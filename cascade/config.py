@@ -511,6 +511,13 @@ class CascadeSettings(BaseSettings):
     database_url: str | None = None
     # Postgres schema holding cascade's tables (search_path); None means the server's default.
     db_schema: str | None = None
+    # transaction: CASCADE_DATABASE_URL is a PgBouncer in transaction pooling mode (no prepared statements or
+    # session settings; see cascade.store.engine). Run `cascade db upgrade` against Postgres itself.
+    database_pooler: Literal["none", "transaction"] = "none"
+    # Postgres connections a worker process holds at most, whatever its concurrency: its stages' transactions are
+    # short and take turns (docs/scale-out.md measures what more would buy). Two at least: a sweep holds its lock's
+    # transaction while it works in another.
+    worker_db_connections: int = Field(2, ge=2, le=64)
     broker_url: str | None = None
     # The Redis holding what every worker shares besides messages: rate-limit buckets and model health
     # (cascade.ratelimit, cascade.health). None: the broker's, when the broker is Redis; with a RabbitMQ broker

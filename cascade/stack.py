@@ -193,7 +193,7 @@ def run_stack(settings: CascadeSettings, *, concurrency: int = 64, sim_port: int
         if services is not None:
             stack.callback(lambda: None if holder and holder[0].keep_services else stop_embedded(services.data_dir))
         assert settings.database_url and settings.broker_url
-        engine = make_engine(settings.database_url, schema=settings.db_schema)
+        engine = make_engine(settings.database_url, schema=settings.db_schema, pooler=settings.database_pooler)
         upgrade(engine)
         engine.dispose()
         sim_path = (sim_config or DEMO_DATA / "sim.yaml").resolve()

@@ -67,22 +67,18 @@ def sweep(engine: Engine, publisher: Publisher, *, stalled_after_s: float = 20.0
           jobs_per_message: int = 1) -> SweepReport:
     """One pass. Publishing happens after each UPDATE committed; a failed publish is retried by a later pass
     (the job's ``published_at`` then ages past the stall timeout again)."""
-    with engine.connect() as lock_conn:
+    with engine.begin() as lock_conn:  # the lock lasts as long as this transaction: the whole pass
         if not store.take_sweep_lock(lock_conn):
             return SweepReport(locked=False)
-        try:
-            with engine.begin() as conn:
-                expired = store.take_back_expired(conn, dead_after_s)
-                expired += _audits(store.take_back_audits(conn, dead_after_s))
-                due = store.stamp_deferred_due(conn) + _audits(store.stamp_audits_due(conn))
-                store.forget_workers(conn)
-            publisher.publish(expired + due)
-            with engine.begin() as conn:
-                stalled = _stalled(conn, publisher, stalled_after_s, jobs_per_message)
-            publisher.publish(stalled)
-        finally:
-            store.release_sweep_lock(lock_conn)
-            lock_conn.commit()
+        with engine.begin() as conn:
+            expired = store.take_back_expired(conn, dead_after_s)
+            expired += _audits(store.take_back_audits(conn, dead_after_s))
+            due = store.stamp_deferred_due(conn) + _audits(store.stamp_audits_due(conn))
+            store.forget_workers(conn)
+        publisher.publish(expired + due)
+        with engine.begin() as conn:
+            stalled = _stalled(conn, publisher, stalled_after_s, jobs_per_message)
+        publisher.publish(stalled)
     if expired or due or stalled:
         log.info("sweep: %d taken back from dead workers or expired leases, %d deferred due, %d stalled "
                  "re-published", len(expired), len(due), len(stalled))

@@ -3,6 +3,7 @@ producer), never rows."""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -44,14 +45,18 @@ def _build() -> StageContext:
     global _heartbeat
     if not settings.database_url:
         raise RuntimeError("CASCADE_DATABASE_URL is not set")
-    # About one connection per slot: a message's stage holds one for its claim and one for its close.
-    pool = max(4, min(64, int(app.conf.worker_concurrency or 4)))
+    # A few connections whatever the concurrency (CASCADE_WORKER_DB_CONNECTIONS, 2): a stage holds one only for
+    # its short transactions (never across a model request), so the slots take turns, and a fleet of workers
+    # stays far below Postgres' max_connections.
     # No pre-ping (a round trip per checkout, three per job): a dead connection surfaces as a
     # DBAPIError, which the tasks retry (RETRY below).
     # A process frozen inside a transaction (SIGSTOP, a stalled VM) loses that session once it has been idle
     # as long as a dead worker's jobs are kept (at least 10 s): its locks must not stall the other workers.
-    engine = make_engine(settings.database_url, pool_size=pool, schema=settings.db_schema, pre_ping=False,
-                         idle_in_transaction_s=max(10.0, settings.worker_dead_after_s))
+    engine = make_engine(settings.database_url, pool_size=settings.worker_db_connections, max_overflow=0,
+                         schema=settings.db_schema, pre_ping=False,
+                         idle_in_transaction_s=max(10.0, settings.worker_dead_after_s), pooler=settings.database_pooler,
+                         application_name=f"cascade:{settings.db_schema}:worker:{os.getpid()}" if settings.db_schema
+                         else f"cascade:worker:{os.getpid()}")
     # Registered before the first claim: the sweeper takes this process's jobs back only once its
     # heartbeat stops (cascade.liveness), never while a slow request is still running.
     # Each beat also renews the leases of claims held past half their lease.

@@ -22,10 +22,11 @@ def run_validate(ctx: StageContext, job_id: int, tier: int) -> bool:
 
 def run_validates(ctx: StageContext, job_ids: Sequence[int], tier: int) -> int:
     """Validate stage: vote on each job's samples and move it as the policy decides, all in one
-    transaction (a crash leaves every job where it was). Returns how many jobs moved."""
+    transaction (a crash leaves every job where it was): the jobs are locked, not claimed, so each is written
+    once. Returns how many jobs moved."""
     writes = Writes()
     with ctx.engine.begin() as conn:
-        claimed = claim_due(ctx, conn, job_ids, tier, Stage.VALIDATE)
+        claimed = claim_due(ctx, conn, job_ids, tier, Stage.VALIDATE, lock_only=True)
         if not claimed:
             return 0
         answers = store.answers_many(conn, [claim.job_id for claim, _ in claimed], tier)

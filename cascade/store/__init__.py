@@ -76,7 +76,18 @@ from cascade.store.budget import (
 )
 from cascade.store.control import BatchSummary, Cancelled, cancel_batch, list_batches, retry_jobs
 from cascade.store.engine import database_errors, make_engine, normalize_url
-from cascade.store.jobs import TRANSITIONS, Claim, JobStatus, Move, Stage, claim, move_many, release, renew_leases
+from cascade.store.jobs import (
+    TRANSITIONS,
+    Claim,
+    JobStatus,
+    Move,
+    Stage,
+    claim,
+    lock_due,
+    move_many,
+    release,
+    renew_leases,
+)
 from cascade.store.reports import (
     batch_votes,
     count_eval_batches,
@@ -88,7 +99,6 @@ from cascade.store.reports import (
 from cascade.store.routing import tier_history
 from cascade.store.sweep import (
     forget_workers,
-    release_sweep_lock,
     stamp_deferred_due,
     stamp_stalled,
     take_back_expired,
@@ -147,6 +157,7 @@ __all__ = [
     "insert_batch",
     "job_results",
     "list_batches",
+    "lock_due",
     "lock_for_settling",
     "lock_held_job",
     "make_engine",
@@ -162,7 +173,6 @@ __all__ = [
     "record_eval_run",
     "record_validations",
     "release",
-    "release_sweep_lock",
     "renew_leases",
     "reserve_budget",
     "reserve_daily",

@@ -18,7 +18,8 @@ from sqlalchemy import Connection, text
 
 from cascade.errors import IllegalTransition
 
-__all__ = ["HAND_BACK", "TRANSITIONS", "Claim", "JobStatus", "Move", "Stage", "claim", "move_many", "release", "renew_leases"]
+__all__ = ["HAND_BACK", "TRANSITIONS", "Claim", "JobStatus", "Move", "Stage", "claim", "lock_due", "move_many", "release",
+           "renew_leases"]
 
 
 class JobStatus(enum.StrEnum):
@@ -45,7 +46,10 @@ class Stage(enum.StrEnum):
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     # cancelled: the batch was cancelled (``cancel_batch``); a move of a running job of a cancelled batch to
     # anything but succeeded becomes cancelled (``move_many``)
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    # a queued job locked in one transaction (``lock_due``: the validate stage) moves from queued directly: it is
+    # never seen running, as no other transaction sees the lock
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.QUEUED, JobStatus.SUCCEEDED,
+                                 JobStatus.FAILED}),
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED}),
     JobStatus.SUCCEEDED: frozenset(),
     # a failed or cancelled job runs again from tier 1 with ``cascade retry --failed`` (``retry_jobs``)
@@ -67,6 +71,9 @@ class Claim:
     claim_no: int
     #: the batch's cap on spend as it stands (``batches.max_cost_usd``; a retry may raise it); None: none
     max_cost_usd: Decimal | None = None
+    #: the job's status while held: ``running`` for a claim, ``queued`` for a job locked for one transaction
+    #: (``lock_due``), which its move is checked against
+    held_as: JobStatus = JobStatus.RUNNING
 
 
 # --- state transitions -------------------------------------------------------------------------
@@ -86,6 +93,27 @@ WHERE id IN (SELECT id FROM jobs
 RETURNING id, batch_id, key, input, tier, stage, claim_no,
           (SELECT b.max_cost_usd FROM batches b WHERE b.id = jobs.batch_id) AS max_cost_usd
 """)
+
+
+_LOCK_DUE = text("""
+SELECT id, batch_id, key, input, tier, stage, claim_no,
+       (SELECT b.max_cost_usd FROM batches b WHERE b.id = jobs.batch_id) AS max_cost_usd
+FROM jobs
+WHERE id = ANY(:ids) AND status = 'queued' AND tier = :tier AND stage = :stage
+  AND (not_before IS NULL OR not_before <= now())
+  AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = jobs.batch_id AND b.halted_at IS NOT NULL)
+ORDER BY id
+FOR NO KEY UPDATE SKIP LOCKED
+""")
+
+
+def lock_due(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage) -> list[Claim]:
+    """Lock the jobs of ``job_ids`` that are due at (tier, stage) until the transaction ends, writing nothing: a
+    stage that decides and moves them in the same transaction needs no claim (no other transaction sees them
+    held, and their one UPDATE is the move). Skips jobs another transaction holds, as ``claim`` does."""
+    rows = conn.execute(_LOCK_DUE, {"ids": list(job_ids), "tier": tier, "stage": stage.value})
+    return [Claim(r.id, r.batch_id, r.key, r.input, r.tier, Stage(r.stage), r.claim_no, r.max_cost_usd,
+                  JobStatus.QUEUED) for r in rows]
 
 
 def claim(conn: Connection, job_ids: Sequence[int], tier: int, stage: Stage, lease_s: float,
@@ -129,11 +157,11 @@ UPDATE jobs j SET status = CASE WHEN {_STOPS} THEN 'cancelled' ELSE m.status END
                   error = CASE WHEN {_STOPS} THEN 'cancelled' ELSE m.error END,
                   cost_usd = (SELECT coalesce(sum(cost_usd), 0) FROM attempts WHERE job_id = m.id AND NOT audit),
                   finished_at = CASE WHEN m.status IN ('succeeded', 'failed') OR {_STOPS} THEN now() END
-FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[]), CAST(:statuses AS text[]), CAST(:tiers AS int[]),
-            CAST(:stages AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]),
-            CAST(:delays AS float8[])) AS m(id, claim_no, status, tier, stage, output, error, delay_s),
+FROM unnest(CAST(:ids AS bigint[]), CAST(:claim_nos AS int[]), CAST(:held AS text[]), CAST(:statuses AS text[]),
+            CAST(:tiers AS int[]), CAST(:stages AS text[]), CAST(:outputs AS text[]), CAST(:errors AS text[]),
+            CAST(:delays AS float8[])) AS m(id, claim_no, held, status, tier, stage, output, error, delay_s),
      batches b
-WHERE j.id = m.id AND j.status = 'running' AND j.claim_no = m.claim_no AND b.id = j.batch_id
+WHERE j.id = m.id AND j.status = m.held AND j.claim_no = m.claim_no AND b.id = j.batch_id
 RETURNING j.id, j.status
 """)
 
@@ -151,10 +179,11 @@ def move_many(conn: Connection, moves: Sequence[Move]) -> dict[int, JobStatus]:
         return {}
     for m in moves:
         # A real check, not an assert: `python -O` strips asserts, and a wrong move must never reach the table.
-        if m.status not in TRANSITIONS[JobStatus.RUNNING]:
-            raise IllegalTransition(m.held.job_id, JobStatus.RUNNING, m.status)
+        if m.status not in TRANSITIONS[m.held.held_as]:
+            raise IllegalTransition(m.held.job_id, m.held.held_as, m.status)
     params = {
         "ids": [m.held.job_id for m in moves], "claim_nos": [m.held.claim_no for m in moves],
+        "held": [m.held.held_as.value for m in moves],
         "statuses": [m.status.value for m in moves], "tiers": [m.tier for m in moves],
         "stages": [m.stage.value for m in moves], "outputs": [m.output_json for m in moves],
         "errors": [m.error for m in moves], "delays": [float(m.delay_s) for m in moves],

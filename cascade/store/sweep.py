@@ -13,7 +13,6 @@ from cascade.store.jobs import HAND_BACK, Stage
 
 __all__ = [
     "forget_workers",
-    "release_sweep_lock",
     "stamp_deferred_due",
     "stamp_stalled",
     "take_back_expired",
@@ -21,9 +20,10 @@ __all__ = [
     "waiting_jobs",
 ]
 
-# One lock per schema, so test runs (one schema each) sweep independently.
-_LOCK = text("SELECT pg_try_advisory_lock(hashtext('cascade.sweep.' || current_schema()))")
-_UNLOCK = text("SELECT pg_advisory_unlock(hashtext('cascade.sweep.' || current_schema()))")
+# One lock per schema, so test runs (one schema each) sweep independently. A transaction lock, held by the
+# transaction that took it for the whole pass: it works through PgBouncer's transaction pooling, where a session
+# lock would stay on a server connection that other clients then use.
+_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cascade.sweep.' || current_schema()))")
 
 # A job of a cancelled batch is not queued again: it is cancelled (HAND_BACK).
 _EXPIRED = text(f"""
@@ -77,13 +77,8 @@ def _due(rows: list[tuple[int, int, str]]) -> list[tuple[int, int, Stage]]:
 
 
 def take_sweep_lock(conn: Connection) -> bool:
-    """Take this schema's sweep lock for the session of ``conn``; False when another sweeper holds it."""
+    """Take this schema's sweep lock until ``conn``'s transaction ends; False when another sweeper holds it."""
     return bool(conn.execute(_LOCK).scalar())
-
-
-def release_sweep_lock(conn: Connection) -> None:
-    """Release the lock ``take_sweep_lock`` took on ``conn`` (the caller commits)."""
-    conn.execute(_UNLOCK)
 
 
 def take_back_expired(conn: Connection, dead_after_s: float) -> list[tuple[int, int, Stage]]:

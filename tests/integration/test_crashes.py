@@ -160,7 +160,7 @@ def test_postgres_connections_dropped_mid_stage(env, sim, workers, sweeper):
         while not stop.is_set() and killed < 200:
             with admin.begin() as conn:
                 killed += len(conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :app "
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE (application_name = :app OR application_name LIKE :app || ':worker:%') "
                     "AND pid <> pg_backend_pid()"), {"app": f"cascade:{env.schema}"}).all())
             time.sleep(0.7)
 

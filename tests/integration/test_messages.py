@@ -129,7 +129,7 @@ def test_a_database_error_in_one_request_keeps_every_other_answer(env, in_proces
         for _try in range(40):  # the worker's idle connections, once they show in pg_stat_activity
             with admin.begin() as conn:
                 cut.append(len(conn.execute(text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :app "
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE (application_name = :app OR application_name LIKE :app || ':worker:%') "
                     "AND pid <> pg_backend_pid()"), {"app": f"cascade:{env.schema}"}).all()))
             if cut[-1]:
                 return

@@ -3,13 +3,9 @@ audits; the figures in the file equal SQL over the batch, and a real headless Ch
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from html import unescape
 from html.parser import HTMLParser
@@ -20,6 +16,7 @@ from cascade.config import parse_config
 from cascade.sim import SimConfig, SimModel
 from tests.conftest import ROOT, wait_for
 from tests.integration import scenario
+from tests.integration.debian import find_or_install
 from tests.integration.test_cli import _cli, _config_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,7 +30,6 @@ SIM = SimConfig(seed=7, models={
     "medium": SimModel(p_correct=0.7, p_invalid_json=0.1, p_too_short=0.05, latency_ms=20, latency_jitter_ms=20),
     "large": SimModel(p_correct=0.9, p_invalid_json=0.25, p_too_short=0.1, latency_ms=40, latency_jitter_ms=30),
 })
-INSTALL_TIMEOUT_S = 300
 
 
 def _config(sim_url):
@@ -189,44 +185,12 @@ def test_report_exit_codes(env, tmp_path):
 # --- the browser ---------------------------------------------------------------------------------------------
 
 
-def _find_chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _install_chromium():
-    """Chromium from Debian's packages, installed when missing (as root, apt-get, one installer at a time); the
-    reason when it cannot be."""
-    if getattr(os, "geteuid", lambda: 1)() != 0 or not shutil.which("apt-get"):
-        return "chromium is not installed, and installing it needs root and apt-get (apt-get install -y chromium)"
-    environ = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium"]
-    deadline, last = time.monotonic() + INSTALL_TIMEOUT_S, ""
-    # The package lists may be stale (a 404 on a replaced version): update them once, then try again.
-    for cmd in (install, ["apt-get", "update", "-q"], install):
-        try:
-            proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, check=False,
-                                  timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(cmd)}` did not finish in {INSTALL_TIMEOUT_S} s"
-        last = (proc.stderr.strip() or proc.stdout.strip())[-300:]
-        if cmd is install and proc.returncode == 0:
-            return None
-    return f"apt-get install chromium failed: {last}"
-
-
 @pytest.fixture(scope="session")
 def chromium():
     """The path of a Chromium binary; the test is skipped, saying why, when there is none and none installs."""
-    found = _find_chromium()
+    found, why = find_or_install("chromium", ["chromium", "chromium-browser"])
     if found is None:
-        # xdist workers may get here together: one installs, the others wait and find it.
-        with open("/tmp/cascade-test-chromium.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            found = _find_chromium()
-            why = None if found else _install_chromium()
-            found = found or _find_chromium()
-        if found is None:
-            pytest.skip(f"no headless browser: {why}")
+        pytest.skip(f"no headless browser: {why}")
     return found
 
 
