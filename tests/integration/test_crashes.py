@@ -60,7 +60,7 @@ def _run_to_end(env, client, batch_id, rows, sim_cfg, timeout=240):
 
 
 @pytest.mark.parametrize("broker", BROKERS, indirect=True)
-def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
+def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper, broker):
     # Given 1,000 jobs, call stages and validation in separate worker processes, and a sweeper (on Redis, and on
     # RabbitMQ, which hands a dead consumer's unacknowledged messages back at once)
     sim_cfg = _slow_sim(31)
@@ -68,7 +68,7 @@ def test_worker_kill_9_mid_call_and_mid_validation(env, sim, workers, sweeper):
     callers = workers(queues="tier1,tier2,tier3", concurrency=64, **FAST_LIVENESS)
     validators = workers(queues="validate", concurrency=16, **FAST_LIVENESS)
     sweeper(stalled_after=3, **FAST_LIVENESS)
-    rows = scenario.rows(1000, "label")
+    rows = scenario.rows(1000 if broker == "redis" else 600, "label")  # RabbitMQ: the same faults, a shorter run
     batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     # When the call worker is killed with -9 while requests are in flight
     wait_for(lambda: _finished(env, batch) >= 150, 120, "150 finished jobs")
@@ -125,11 +125,11 @@ def test_rabbitmq_lost_mid_batch(env, sim, workers, sweeper, fault):
     client = make_client(env, sim(sim_cfg).url, fallbacks=True)
     workers(concurrency=64, **FAST_LIVENESS)
     sweeper(stalled_after=3, **FAST_LIVENESS)
-    rows = scenario.rows(600, "label")
+    rows = scenario.rows(400, "label")
     batch = client.submit("label", rows, key_field="id", max_cost=CAP).batch_id
     # When every connection to the broker is dropped (what a restart does to its clients), or every queue is
     # purged, while messages are queued and in flight
-    wait_for(lambda: _finished(env, batch) >= 150, 120, "150 finished jobs")
+    wait_for(lambda: _finished(env, batch) >= 100, 120, "100 finished jobs")
     hit = _in_flight(env)
     assert env.vhost is not None
     if fault == "restart":

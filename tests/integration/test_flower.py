@@ -129,7 +129,7 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
             return seen.get("tier1") == messages
 
         wait_for(backlog, timeout=10, what=f"flower to report {messages} messages on tier1")
-        assert seen == {"tier1": messages, "tier2": 0, "tier3": 0, "validate": 0, "sweep": 0}
+        assert seen == {"tier1": messages, "tier2": 0, "tier3": 0, "validate": 0, "audit": 0, "sweep": 0}
 
         # When a tier1-only worker runs the call stage of every job
         workers(queues="tier1", concurrency=32)
