@@ -26,6 +26,7 @@ from rich.table import Table
 
 from cascade.cli_common import err, fail, guard, make_client
 from cascade.cli_eval import eval_command
+from cascade.cli_metrics import metrics_command
 from cascade.cli_report import report_command
 from cascade.client import BatchStatus, Client
 from cascade.config import CascadeSettings, load_settings
@@ -615,6 +616,7 @@ def dev(
 
 
 app.command("eval")(eval_command)
+app.command("metrics")(metrics_command)
 app.command("report")(report_command)
 
 
