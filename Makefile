@@ -36,9 +36,10 @@ mypy: $(STAMP)
 AMQP_PROBE = $(shell $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 5672), 1)" 2>/dev/null \
 	&& echo amqp://guest:guest@127.0.0.1:5672//)
 
-# Lint, types and the whole suite (unit + integration on embedded or given services).
+# Lint, types and the whole suite (unit + integration on embedded or given services). Three pytest workers on two
+# cores: most tests wait on workers, sims and brokers (two workers kept the CPU under 40 % busy).
 test: lint mypy
-	CASCADE_TEST_AMQP_URL="$${CASCADE_TEST_AMQP_URL:-$(AMQP_PROBE)}" $(BIN)/python -m pytest -n 2 -p no:cacheprovider -rs
+	CASCADE_TEST_AMQP_URL="$${CASCADE_TEST_AMQP_URL:-$(AMQP_PROBE)}" $(BIN)/python -m pytest -n 3 -p no:cacheprovider -rs
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -p no:cacheprovider

@@ -134,7 +134,8 @@ def test_flower_shows_the_backlog_drain(env, sim, workers, flower):
         # When a tier1-only worker runs the call stage of every job
         workers(queues="tier1", concurrency=32)
         # Then Flower sees tier1 drain into validate (still listed: Flower has not inspected the worker)
-        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": messages, "sweep": 0},
+        wait_for(lambda: _lengths(api) == {"tier1": 0, "tier2": 0, "tier3": 0, "validate": messages, "audit": 0,
+                                           "sweep": 0},
                  timeout=20,
                  what="tier1 to drain into validate")
         # But once Flower has inspected that worker it lists only tier1: the waiting validate messages vanish
