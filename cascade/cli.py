@@ -207,6 +207,11 @@ def _print_status(state: BatchStatus) -> None:
         cap, spent, reserved = state.budget
         out.print(f"budget: {money(spent)} spent, {money(reserved)} reserved, {money(cap - spent - reserved)} left "
                   f"of {money(cap)}", markup=False, highlight=False)
+    if state.daily is not None:
+        per_day, spent, reserved = state.daily
+        out.print(f"daily budget of {state.task_type}: {money(spent)} spent, {money(reserved)} reserved, "
+                  f"{money(per_day - spent - reserved)} left of {money(per_day)} over the last 24 h", markup=False,
+                  highlight=False, soft_wrap=True)
     if state.cache is not None and state.cache[0]:
         hits, misses, saved = state.cache
         out.print(f"cache: {hits} of {hits + misses} answered requests were hits, saving {money(saved)}",

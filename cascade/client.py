@@ -51,6 +51,8 @@ class BatchStatus:
     audits: tuple[int, int, int, Decimal] | None = None
     #: the batch was cancelled (``cancel``): its jobs end as cancelled, none goes on
     cancelled: bool = False
+    #: (per day, spent, reserved) of its task type's daily budget over the last 24 hours; None without one
+    daily: tuple[Decimal, Decimal, Decimal] | None = None
 
     @property
     def finished(self) -> int:
@@ -73,6 +75,9 @@ class BatchStatus:
                     "reserved_usd": str(self.budget[2]), "left_usd": str(self.budget[0] - sum(self.budget[1:]))},
                 "starts": None if self.starts is None else [
                     {"start_tier": tier, "route": route, "jobs": n} for tier, route, n in self.starts],
+                "daily_budget": None if self.daily is None else {
+                    "per_day_usd": str(self.daily[0]), "spent_usd": str(self.daily[1]),
+                    "reserved_usd": str(self.daily[2]), "left_usd": str(self.daily[0] - sum(self.daily[1:]))},
                 "audits": None if self.audits is None else {
                     "waiting": self.audits[0], "agreed": self.audits[1], "disagreed": self.audits[2],
                     "cost_usd": str(self.audits[3])}}
@@ -195,6 +200,9 @@ class Client:
             budget = (cap, *store.batch_budget(conn, batch_id)) if cap is not None else None
             starts = store.batch_starts(conn, batch_id) if notes else None
             audits = store.batch_audits(conn, batch_id) if snap is not None and snap.task_type.audit else None
+            per_day = snap.task_type.budget if snap is not None else None
+            daily = (per_day.per_day_usd, *store.daily_budget(conn, snap.task_type.name)) \
+                if snap is not None and per_day is not None else None
         notes_ = [f"model {model!r} ignores n: its samples go out one request each (say supports_n: false in "
                   "cascade.yaml to skip the first try)" for model in ignoring_n]
         if snap is not None:
@@ -209,7 +217,7 @@ class Client:
         if starts is not None and all(route == "default" for _, route, _ in starts):
             starts = None  # every job started at tier 1: nothing to say
         return BatchStatus(batch_id, task_type, size, counts, dict(sorted(by_tier.items())), cost, halted, notes_,
-                           cache, budget, starts, audits, cancelled)
+                           cache, budget, starts, audits, cancelled, daily)
 
     def _models_down(self, names: list[str]) -> list[str]:
         """Notes on the models ``names`` that are down now (their circuit breakers, ``cascade.health``)."""

@@ -68,6 +68,7 @@ from cascade.store.batches import (
 from cascade.store.budget import (
     batch_budget,
     budget_used,
+    daily_budget,
     reserve_budget,
     reserve_daily,
     settle_budget,
@@ -145,6 +146,7 @@ __all__ = [
     "count_jobs",
     "count_jobs_by_stage",
     "count_jobs_by_tier",
+    "daily_budget",
     "database_errors",
     "end_attempts",
     "end_audits",

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, text
 
-__all__ = ["batch_budget", "budget_used", "reserve_budget", "reserve_daily", "settle_budget", "settle_daily", "settle_daily_now"]
+__all__ = ["batch_budget", "budget_used", "daily_budget", "reserve_budget", "reserve_daily", "settle_budget", "settle_daily", "settle_daily_now"]
 
 _RESERVE_ONE = text("""
 UPDATE batches SET reserved_usd = reserved_usd + :amount
@@ -109,6 +109,13 @@ def reserve_daily(conn: Connection, task_type: str, cap: Decimal, amounts: Seque
     if total:
         conn.execute(_DAY_ADD, {"t": task_type, "spent": 0, "reserved": total})
     return fits, Decimal(spent)
+
+
+def daily_budget(conn: Connection, task_type: str) -> tuple[Decimal, Decimal]:
+    """(spent, reserved) of ``task_type`` over the window its daily budget counts (the last 24 hours and the hour
+    that window starts in)."""
+    spent, reserved = conn.execute(_DAY_USED, {"t": task_type}).one()
+    return Decimal(spent), Decimal(reserved)
 
 
 def settle_daily_now(conn: Connection, task_type: str, *, spent: Decimal, released: Decimal) -> None:

@@ -149,6 +149,9 @@ def test_a_daily_budget_holds_across_two_batches(env, sim, workers):
     # And the day's ledger is the requests' costs, nothing left reserved
     spent, reserved = env.rows("SELECT sum(spent_usd), sum(reserved_usd) FROM task_budgets WHERE task_type = 'summary'")[0]
     assert (spent, reserved) == (total, 0)
+    # And a batch's status shows its task type's daily budget as it stands
+    assert client.status(second, notes=True).daily == (Decimal("0.004"), total, 0)
+    assert client.status(second).daily is None  # read with the notes only
 
 
 def test_a_daily_budget_must_be_above_zero():
