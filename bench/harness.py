@@ -170,6 +170,17 @@ class Scratch:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def wait_logged(self, started: dict[str, subprocess.Popen[bytes]], marker: str, timeout: float, what: str) -> None:
+        """Wait until the log of every process in ``started`` (by name) holds ``marker``; RuntimeError with the log's
+        end as soon as one of them exits."""
+        def every() -> bool:
+            for name, proc in started.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited: {self.log(name)[-3000:]}")
+            return all(marker in self.log(name) for name in started)
+
+        wait_for(every, timeout, what)
+
     def sim(self, models: dict[str, dict[str, Any]], *, name: str = "sim") -> Sim:  # Any: sim settings
         """Start `cascade sim` with these models (SimModel fields) on a free port."""
         path = self.workdir / f"{name}.yaml"

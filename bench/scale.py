@@ -55,7 +55,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import simfarm
-from bench.harness import Scratch, Services, scratch, wait_for
+from bench.harness import Scratch, Services, scratch
 from bench.pgstats import Activity, Monitor, PgDelta
 from bench.proctree import TreeMeter, machine_busy, self_cpu
 from bench.scale_report import print_report
@@ -191,13 +191,7 @@ def start_workers(box: Scratch, n: int, queues: Sequence[str], *, app: str, conc
                              extra=("--without-heartbeat",))
         procs.append(box.start(cmd, name))
 
-    def ready() -> bool:
-        for name, proc in zip(names, procs, strict=True):
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {box.log(name)[-3000:]}")
-        return all(" ready." in box.log(name) for name in names)
-
-    wait_for(ready, 120, f"{n} workers ({tag})")
+    box.wait_logged(dict(zip(names, procs, strict=True)), " ready.", 120, f"{n} workers ({tag})")
     return procs
 
 

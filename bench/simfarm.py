@@ -32,7 +32,7 @@ class SimFarm:
 
 def start(box: Scratch, models: dict[str, dict[str, Any]], count: int) -> SimFarm:  # Any: SimModel fields
     """Start ``count`` sims serving ``models`` on one free port; returns once every one of them listens."""
-    from bench.harness import free_port, wait_for
+    from bench.harness import free_port
 
     path = box.workdir / "simfarm.yaml"
     path.write_text(yaml.safe_dump({"seed": 1, "models": models, "unknown_models": "default"}))
@@ -41,13 +41,7 @@ def start(box: Scratch, models: dict[str, dict[str, Any]], count: int) -> SimFar
     procs = [box.start([sys.executable, "-m", "bench.simfarm", "--port", str(port), "--config", str(path)], name)
              for name in names]
 
-    def listening() -> bool:
-        for name, proc in zip(names, procs, strict=True):
-            if proc.poll() is not None:
-                raise RuntimeError(f"sim {name} exited: {box.log(name)[-2000:]}")
-        return all("listening on" in box.log(name) for name in names)
-
-    wait_for(listening, 30, f"{count} sims on port {port}")
+    box.wait_logged(dict(zip(names, procs, strict=True)), "listening on", 30, f"{count} sims on port {port}")
     return SimFarm(f"http://127.0.0.1:{port}/v1", [p.pid for p in procs])
 
 

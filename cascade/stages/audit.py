@@ -31,11 +31,9 @@ from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, after_request_error, is_retryable
-from cascade.providers import Completion
-from cascade.ratelimit import pause_s
-from cascade.stages.budget import cost_bound, settle_rows, settled
+from cascade.stages.budget import cost_bound, count_estimates, settle_rows, settled
 from cascade.stages.context import StageContext, request_threads
-from cascade.stages.limits import limit_tokens, reserve_slots
+from cascade.stages.limits import limit_tokens, reserve_slots, settle_tokens
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send
 from cascade.stages.validate import judge_tier
 from cascade.store import AUDIT_TIER, AuditClaim, AuditEnd, Claim, Stage
@@ -119,7 +117,7 @@ def _claim(ctx: StageContext, audit_ids: Sequence[int]) -> tuple[list[_Audit], i
         budgeted = [a for a in audits if a.budgeted]
         if budgeted:  # the job rows first: the lock order of every transaction that touches a budget
             store.lock_for_settling(conn, [a.held.job_id for a in budgeted], [])
-            _count_estimates(conn, budgeted, history)
+            count_estimates(conn, [(a.snap, a.held.batch_id, history[a.held.job_id]) for a in budgeted])
         kept = []
         for audit in audits:
             amount = sum((bound for _, _, bound in audit.pending), Decimal(0))
@@ -139,18 +137,6 @@ def _claim(ctx: StageContext, audit_ids: Sequence[int]) -> tuple[list[_Audit], i
             audit.pending = by_audit.get(audit.held.id, [])
         store.end_audits(conn, ends)
     return kept, len(ends)
-
-
-def _count_estimates(conn: Connection, audits: list[_Audit], history: dict[int, store.History]) -> None:
-    """Requests of an earlier claim that never came back now count as spent at their bound."""
-    for audit in audits:
-        past = history[audit.held.job_id]
-        if audit.snap.max_cost_usd is not None:
-            store.settle_budget(conn, audit.held.batch_id, spent=past.estimated, released=past.estimated)
-    for audit in audits:
-        if audit.snap.task_type.budget is not None:
-            store.settle_daily(conn, audit.snap.task_type.name,
-                               [(a, b, b) for a, b in history[audit.held.job_id].interrupted])
 
 
 def _reserve(conn: Connection, audit: _Audit, amount: Decimal) -> bool:
@@ -233,7 +219,7 @@ def _send(ctx: StageContext, audit: _Audit, request: Request, attempt_id: int, b
             else:
                 sent.failed = f"{exc.kind}: {str(exc)[:300]}"
             return
-        _settle_tokens(ctx, tier, request, done)
+        settle_tokens(ctx, tier, limit_tokens(tier, request), done)
         sent.rows.append(answer_row(attempt_id, audit.snap, tier, request, done) | audit.budget_keys(bound))
         if done.missing:  # the next claim asks for the missing samples one by one
             ctx.ignores_n(tier.model.name, f"answered {done.choices_returned} of {request.n} choices")
@@ -256,18 +242,6 @@ def _retry_attempt(ctx: StageContext, audit: _Audit, request: Request, bound: De
         return store.start_attempts(conn, [store.NewAttempt(audit.held.job_id, AUDIT_TIER, audit.tier.model.name,
                                                             request.variant, request.sample, request.n,
                                                             bound or None, audit=True)])[0]
-
-
-def _settle_tokens(ctx: StageContext, tier: ResolvedTier, request: Request, done: Completion) -> None:
-    """Count an answer's real tokens under ``rate_limit_tpm`` instead of its reserved ones (and honour a
-    provider's nearly spent limit)."""
-    model, pause = tier.model, pause_s(done.rate_limits)
-    if not (model.rate_limit_tpm or (pause and model.rate_limit_rpm)):
-        return
-    limiter = ctx.limiter()
-    if limiter is not None:
-        limiter.settle(model.name, rpm=model.rate_limit_rpm, tpm=model.rate_limit_tpm,
-                       reserved=limit_tokens(tier, request), used=done.input_tokens + done.output_tokens, pause_s=pause)
 
 
 def _end_rows(conn: Connection, audits: list[_Audit], rows: list[dict[str, Any]]) -> None:  # Any: rows

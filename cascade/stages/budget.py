@@ -16,7 +16,7 @@ from cascade.stages.requests import Request
 from cascade.stages.validate import judge
 from cascade.store import Claim
 
-__all__ = ["BudgetBusy", "OverBudget", "cost_bound", "earlier_answer", "settle_rows", "settled"]
+__all__ = ["BudgetBusy", "OverBudget", "cost_bound", "count_estimates", "earlier_answer", "settle_rows", "settled"]
 
 
 class OverBudget(Exception):
@@ -50,6 +50,19 @@ def settle_rows(conn: Connection, batch_id: str, rows: Iterable[dict[str, Any]],
     parts = [settled(row, late) for row in rows]
     store.settle_budget(conn, batch_id, spent=sum((p[1] for p in parts), Decimal(0)),
                         released=sum((p[2] for p in parts), Decimal(0)))
+
+
+def count_estimates(conn: Connection, claimed: Iterable[tuple[TaskSnapshot, str, store.History]]) -> None:
+    """Count the requests of earlier claims that never came back as spent at their bound, for each (snapshot,
+    batch id, history) claimed: the batch rows, then the task types' buckets (the lock order of every
+    transaction that touches a budget)."""
+    claimed = list(claimed)
+    for snap, batch_id, past in claimed:
+        if snap.max_cost_usd is not None:
+            store.settle_budget(conn, batch_id, spent=past.estimated, released=past.estimated)
+    for snap, _, past in claimed:
+        if snap.task_type.budget is not None:
+            store.settle_daily(conn, snap.task_type.name, [(a, b, b) for a, b in past.interrupted])
 
 
 def earlier_answer(conn: Connection, snap: TaskSnapshot, claim: Claim) -> Any:  # Any: the answer's JSON value

@@ -22,9 +22,16 @@ from cascade import store
 from cascade.config import ResolvedTier, TaskSnapshot
 from cascade.errors import ConfigError, ProviderError, ProviderRateLimited
 from cascade.policy import RequestAction, RequestStep, after_request_error, fails_over, is_fault, is_retryable
-from cascade.providers import Completion
-from cascade.ratelimit import UNLIMITED, Reservation, pause_s
-from cascade.stages.budget import BudgetBusy, OverBudget, cost_bound, earlier_answer, settle_rows, settled
+from cascade.ratelimit import UNLIMITED, Reservation
+from cascade.stages.budget import (
+    BudgetBusy,
+    OverBudget,
+    cost_bound,
+    count_estimates,
+    earlier_answer,
+    settle_rows,
+    settled,
+)
 from cascade.stages.cached import (
     Cached,
     Role,
@@ -38,7 +45,7 @@ from cascade.stages.cached import (
 from cascade.stages.context import StageContext, request_threads
 from cascade.stages.failover import MAX_OUTAGE_WAIT_S, Pick, Picker, outage_note
 from cascade.stages.ledger import Writes, claim_due, holding
-from cascade.stages.limits import limit_tokens, reserve_slots
+from cascade.stages.limits import limit_tokens, reserve_slots, settle_tokens
 from cascade.stages.requests import Request, answer_row, failed_row, plan_requests, send, split
 from cascade.store import Claim, JobStatus, Stage
 from cascade.store.cache import Fill, fill_keys
@@ -246,7 +253,7 @@ def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], histo
     kept = [job for job in jobs if not _budgeted(job.snap)]
     if not limited:
         return kept
-    _count_estimates(conn, limited, history)
+    count_estimates(conn, [(job.snap, job.claim.batch_id, history[job.claim.job_id]) for job in limited])
     for job in limited:
         for p in job.pending:  # a request that waits for its rate-limit slot reserves when it goes out
             p.unreserved = p.wait_s > 0 and p.bound > 0
@@ -264,19 +271,6 @@ def _within_budget(conn: Connection, writes: Writes, jobs: list[_CallJob], histo
                                     "than its budget has left", earlier_answer(conn, job.snap, job.claim))
             dropped += [p.cache for p in job.pending if p.cache is not None]
     return kept
-
-
-def _count_estimates(conn: Connection, jobs: list[_CallJob], history: dict[int, store.History]) -> None:
-    """Count the requests of earlier claims that never came back as spent at their bound: the batch rows,
-    then the task types' buckets (the lock order of ``_end_rows``)."""
-    for job in jobs:
-        if job.snap.max_cost_usd is not None:
-            est = history[job.claim.job_id].estimated
-            store.settle_budget(conn, job.claim.batch_id, spent=est, released=est)
-    for job in jobs:
-        if job.snap.task_type.budget is not None:
-            store.settle_daily(conn, job.snap.task_type.name,
-                               [(a, b, b) for a, b in history[job.claim.job_id].interrupted])
 
 
 def _reserve_jobs(conn: Connection, jobs: list[_CallJob],
@@ -335,19 +329,6 @@ def _unusable_model(ctx: StageContext, tier: ResolvedTier) -> Verdict | None:
         return model_error("config", str(exc), samples=tier.samples)
     missing = ctx.missing_shared_state(tier.model)
     return None if missing is None else model_error("config", missing, samples=tier.samples)
-
-
-def _settle(ctx: StageContext, tier: ResolvedTier, pending: _Pending, done: Completion) -> None:
-    """After an answer: count its real tokens instead of the reserved ones, and when its ``x-ratelimit-*``
-    headers say a provider limit is nearly spent, hold every worker's next requests back until its reset."""
-    model, pause = tier.model, pause_s(done.rate_limits)
-    if not (model.rate_limit_tpm or (pause and model.rate_limit_rpm)):
-        return  # nothing to count: RPM alone costs no round trip per answer
-    limiter = ctx.limiter()
-    if limiter is not None:
-        limiter.settle(model.name, rpm=model.rate_limit_rpm, tpm=model.rate_limit_tpm, reserved=pending.tokens,
-                       used=done.input_tokens + done.output_tokens, pause_s=pause)
-    pending.tokens = 0
 
 
 def _await_pause(ctx: StageContext, tier: ResolvedTier) -> None:
@@ -446,7 +427,8 @@ def _send_and_retry(ctx: StageContext, job: _CallJob, pending: _Pending, sent: _
                 continue
             _stop(ctx, job, tier, pending, sent, step, exc)
             return
-        _settle(ctx, tier, pending, done)
+        settle_tokens(ctx, tier, pending.tokens, done)
+        pending.tokens = 0
         ctx.health().report(tier.model.name, ok=True, probe=_probing(job, tier))
         sent.rows.append(answer_row(attempt_id, job.snap, tier, pending.request, done) | _budget_keys(job, pending))
         sent.answered = True

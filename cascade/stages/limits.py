@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cascade.config import ResolvedTier
-from cascade.ratelimit import UNLIMITED, Reservation, upper_bound_tokens
+from cascade.providers import Completion
+from cascade.ratelimit import UNLIMITED, Reservation, pause_s, upper_bound_tokens
 from cascade.stages.context import StageContext
 from cascade.stages.requests import Request
 
-__all__ = ["limit_tokens", "reserve_slots"]
+__all__ = ["limit_tokens", "reserve_slots", "settle_tokens"]
 
 
 def reserve_slots(ctx: StageContext, tier: ResolvedTier, requests: Sequence[Request], *,
@@ -30,3 +31,15 @@ def limit_tokens(tier: ResolvedTier, request: Request) -> int:
     if not tier.model.rate_limit_tpm:
         return 0
     return upper_bound_tokens(request.messages, n=request.n, max_tokens=tier.max_tokens)
+
+
+def settle_tokens(ctx: StageContext, tier: ResolvedTier, reserved: int, done: Completion) -> None:
+    """After an answer: count its real tokens instead of the ``reserved`` ones, and when its ``x-ratelimit-*``
+    headers say a provider limit is nearly spent, hold every worker's next requests back until its reset."""
+    model, pause = tier.model, pause_s(done.rate_limits)
+    if not (model.rate_limit_tpm or (pause and model.rate_limit_rpm)):
+        return  # nothing to count: RPM alone costs no round trip per answer
+    limiter = ctx.limiter()
+    if limiter is not None:
+        limiter.settle(model.name, rpm=model.rate_limit_rpm, tpm=model.rate_limit_tpm, reserved=reserved,
+                       used=done.input_tokens + done.output_tokens, pause_s=pause)
